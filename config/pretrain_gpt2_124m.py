@@ -1,0 +1,26 @@
+# GPT-2 small (124M) on 8 GPUs, nanoGPT's recipe:
+#   torchrun --standalone --nproc_per_node=8 train.py config/pretrain_gpt2_124m.py
+# 12 sequences x 1024 tokens x 40 micro-steps (5 per GPU) = 491,520 tokens per step.
+# 8,000 steps = 3.9B tokens, about one pass over a 13-15 GB OpenWebText subset (~3.3B tokens).
+out_dir = "out/gpt2_124m"
+data_dir = "data/owt"
+block_size = 1024
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = True
+batch_size = 12
+gradient_accumulation_steps = 5 * 8
+max_iters = 8000
+warmup_iters = 400
+learning_rate = 6e-4
+min_lr = 6e-5
+weight_decay = 0.1
+beta2 = 0.95
+grad_clip = 1.0
+eval_interval = 500
+eval_iters = 200
+log_interval = 10
+dtype = "bfloat16"
+compile = True

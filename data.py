@@ -1,0 +1,124 @@
+"""Batches from memmapped token files, for pretraining and for finetuning.
+
+Every batch is a pure function of (seed, split, step, micro_step): no sampler state to save,
+so a resumed run draws exactly the batches the uninterrupted run would have drawn, and each
+torchrun process draws different batches by taking its own micro-steps.
+"""
+import os
+import threading
+from queue import Queue
+
+import numpy as np
+import torch
+
+from common import EOT, UserError
+
+
+def open_tokens(path):
+    if not os.path.isfile(path):
+        raise UserError(f"{path} not found; run prepare_owt.py (or point data_dir at its output)")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    if len(tokens) < 2:
+        raise UserError(f"{path} is empty; prepare more data")
+    return tokens
+
+
+def batch_rng(seed, *keys):
+    return np.random.default_rng([seed, *keys])
+
+
+class TokenWindows:
+    """Random contiguous windows of a token file: inputs x and next-token targets y."""
+
+    def __init__(self, path, block_size, batch_size, seed, split_id=0):
+        self.tokens = open_tokens(path)
+        if len(self.tokens) <= block_size:
+            raise UserError(f"{path} has {len(self.tokens)} tokens, fewer than block_size+1={block_size + 1}")
+        self.block_size, self.batch_size, self.seed, self.split_id = block_size, batch_size, seed, split_id
+
+    def sample_rows(self, rng, n):
+        starts = rng.integers(0, len(self.tokens) - self.block_size - 1, size=n)
+        return np.stack([self.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+
+    def batch(self, step, micro_step):
+        rows = self.sample_rows(batch_rng(self.seed, self.split_id, step, micro_step), self.batch_size)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:], None
+
+
+class FinetuneMixture:
+    """Rows packed with whole task examples (prompt + target + EOT) drawn by task weight, plus a
+    replay share of rows of plain pretraining text. Loss falls only on targets (and their EOT);
+    the rest of a row that no example fits in is EOT padding without loss."""
+
+    def __init__(self, splits, weights, block_size, batch_size, seed, split_id=0,
+                 replay=None, replay_fraction=0.0):
+        self.splits, self.names = splits, list(splits)
+        w = np.array([weights[n] for n in self.names], dtype=np.float64)
+        self.probs = w / w.sum()
+        self.block_size, self.batch_size, self.seed, self.split_id = block_size, batch_size, seed, split_id
+        self.replay, self.replay_fraction = replay, replay_fraction if replay is not None else 0.0
+
+    def pack_row(self, rng):
+        x = np.full(self.block_size + 1, EOT, dtype=np.int64)
+        mask = np.zeros(self.block_size + 1, dtype=bool)
+        filled = 0
+        for _ in range(64):  # bounded: stop once an example does not fit
+            split = self.splits[self.names[rng.choice(len(self.names), p=self.probs)]]
+            tokens, prompt_len = split.example(int(rng.integers(len(split))))
+            if filled + len(tokens) > self.block_size + 1:
+                if filled == 0:  # longer than a row (prepared for a larger block): keep its end
+                    cut = len(tokens) - (self.block_size + 1)
+                    tokens, prompt_len = tokens[cut:], max(prompt_len - cut, 1)
+                else:
+                    break
+            x[filled:filled + len(tokens)] = tokens
+            mask[filled + prompt_len:filled + len(tokens)] = True
+            filled += len(tokens)
+        return x, mask
+
+    def batch(self, step, micro_step):
+        rng = batch_rng(self.seed, self.split_id, step, micro_step)
+        rows, masks = [], []
+        n_replay = int(rng.binomial(self.batch_size, self.replay_fraction)) if self.replay_fraction else 0
+        if n_replay:
+            rows.extend(self.replay.sample_rows(rng, n_replay))
+            masks.extend(np.ones((n_replay, self.block_size + 1), dtype=bool))
+        for _ in range(self.batch_size - n_replay):
+            x, mask = self.pack_row(rng)
+            rows.append(x)
+            masks.append(mask)
+        rows, masks = torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
+        return rows[:, :-1], rows[:, 1:], masks[:, 1:]  # a target position carries loss if its token does
+
+
+class Prefetcher:
+    """Builds the next batch on a background thread while the model computes, and moves it to
+    the device (pinned memory, non-blocking copy on CUDA)."""
+
+    def __init__(self, source, device, keys):
+        self.source, self.device, self.keys = source, device, iter(keys)
+        self.queue = Queue(maxsize=2)
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self):
+        for key in self.keys:
+            try:
+                self.queue.put(self.source.batch(*key))
+            except Exception as e:  # surface loader errors in the training thread
+                self.queue.put(e)
+                return
+        self.queue.put(None)
+
+    def next(self):
+        item = self.queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return to_device(item, self.device)
+
+
+def to_device(batch, device):
+    if device.type != "cuda":
+        return batch
+    return tuple(t.pin_memory().to(device, non_blocking=True) if t is not None else None for t in batch)

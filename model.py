@@ -1,0 +1,309 @@
+"""A decoder-only Transformer (GPT), readable top to bottom.
+
+Defaults are the GPT-2 recipe: learned positions, LayerNorm, GELU MLP, tied embeddings.
+Modern variants (RoPE, RMSNorm, SwiGLU / ReLU^2, QK-norm, untied head, no biases) are
+config fields, each a few lines at its natural place, so one file serves every preset.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+GPT2_VOCAB = 50257  # real GPT-2 tokens; the embedding is padded to 50304 for fast matmuls
+EOT = 50256
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    pos_emb: str = "learned"  # learned | rope
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+                   "mlp": ("gelu", "swiglu", "relu2")}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {allowed}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("rope needs an even head size (n_embd / n_head)")
+
+
+class Norm(nn.Module):
+    def __init__(self, config, dim):
+        super().__init__()
+        self.kind = config.norm
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if config.bias and self.kind == "layernorm" else None
+
+    def forward(self, x):
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, self.weight.shape, self.weight)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding: rotate pairs (first half, second half) of each head by position angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated for max_len,
+    plus which key positions are real tokens (left padding is not)."""
+
+    def __init__(self, config, batch_size, max_len, device, dtype):
+        head_dim = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    def update(self, layer, k, v):
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, rows):
+        """Keep/duplicate batch rows (beam search)."""
+        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.qk_norm = config.qk_norm
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual = True
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.qk_norm:  # bounds attention logits, which lets larger learning rates stay stable
+            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # mask None: plain causal training, which lets SDPA pick flash kernels
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.mlp
+        hidden = 4 * config.n_embd
+        if self.kind == "swiglu":  # two input matrices: 2/3 the width keeps the parameter count
+            hidden = 64 * math.ceil(hidden * 2 / 3 / 64)
+            self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.residual = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h)
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.silu(self.c_gate(x)) * h
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1, self.attn = Norm(config, config.n_embd), CausalSelfAttention(config)
+        self.ln_2, self.mlp = Norm(config, config.n_embd), MLP(config)
+
+    def forward(self, x, rope=None, mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = Norm(config, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        if config.pos_emb == "rope":
+            head_dim = config.n_embd // config.n_head
+            inv_freq = config.rope_base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2 init; residual projections scaled by 1/sqrt(2 * n_layer) so the residual
+        # stream's variance does not grow with depth
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding=True):
+        """Parameters (shared ones once); non_embedding drops the position table, and the token
+        table when it is tied (it is then the output layer, which does count as compute)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores
+        (PaLM appendix B); the embedding lookups are free."""
+        c, T = self.config, seq_len or self.config.block_size
+        weights = self.num_params(non_embedding=True) - (0 if c.tie_embeddings else self.wte.weight.numel())
+        return 6 * weights + 12 * c.n_layer * c.n_embd * T
+
+    def forward(self, idx, targets=None, loss_mask=None, positions=None, valid=None, cache=None,
+                all_logits=False):
+        """idx (B, T) token ids. Training: targets (B, T), optional loss_mask (B, T) of positions
+        that carry loss; returns (logits or None, mean loss). Inference: positions (B, T) and
+        valid (B, T) describe left-padded prompts, cache a KVCache; returns last-step logits
+        (or all of them) and None."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:  # checked on sizes, not values: no device sync
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = None
+        if self.wpe is None:
+            angles = positions[..., None].float() * self.inv_freq  # (B, T, head_dim / 2)
+            rope = (angles.cos()[:, None], angles.sin()[:, None])
+        mask = self._attention_mask(valid, cache, start, T, idx.device)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x if all_logits else x[:, -1:]), None
+        if loss_mask is not None:
+            # only rows that carry loss go through the 50k-wide head: finetuning saves most of it
+            keep = loss_mask.reshape(-1).bool()
+            logits = self.lm_head(x.reshape(-1, x.size(-1))[keep])
+            return None, F.cross_entropy(logits.float(), targets.reshape(-1)[keep])
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @staticmethod
+    def _attention_mask(valid, cache, start, T, device):
+        """None for plain causal attention; else a (B, 1, T, keys) boolean mask that also hides
+        left padding. A padded query still sees itself, so no softmax row is empty (no NaNs)."""
+        if valid is None and cache is None:
+            return None
+        if valid is None:
+            valid = torch.ones(cache.valid.size(0), T, dtype=torch.bool, device=device)
+        if cache is not None:
+            cache.valid[:, start:start + T] = valid
+            valid = cache.valid[:, :start + T]
+        query = torch.arange(start, start + T, device=device)[:, None]
+        key = torch.arange(start + T, device=device)[None, :]
+        mask = ((key <= query)[None] & valid[:, None, :]) | (key == query)[None]
+        return mask[:, None]
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+                 stop_tokens=(EOT,), use_cache=True, generator=None):
+        """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens.
+        temperature 0 is greedy. Returns the new tokens of each prompt, without the stop token.
+        The prompts are left-padded into one batch; the KV cache means each step feeds only the
+        newest token."""
+        device = self.wte.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("every prompt needs at least one token")
+        if P + max_new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"block_size {self.config.block_size}")
+        idx = torch.zeros(B, P, dtype=torch.long, device=device)
+        valid = torch.zeros(B, P, dtype=torch.bool, device=device)
+        for row, p in enumerate(prompts):
+            idx[row, P - len(p):] = torch.tensor(p, device=device)
+            valid[row, P - len(p):] = True
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        cache = KVCache(self.config, B, P + max_new_tokens, device, self.wte.weight.dtype) if use_cache else None
+        stop = torch.tensor(list(stop_tokens), device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
+        step_idx, step_pos, step_valid = idx, positions, valid
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_idx, positions=step_pos, valid=step_valid, cache=cache)
+            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+            token = torch.where(done, torch.full_like(token, EOT), token)
+            out.append(token)
+            done |= torch.isin(token, stop)
+            if done.all():
+                break
+            next_pos = positions[:, -1:] + len(out)
+            if use_cache:
+                step_idx, step_pos, step_valid = token[:, None], next_pos, torch.ones_like(token[:, None], dtype=torch.bool)
+            else:
+                step_idx = torch.cat((step_idx, token[:, None]), 1)
+                step_pos = torch.cat((step_pos, next_pos), 1)
+                step_valid = torch.cat((step_valid, torch.ones_like(token[:, None], dtype=torch.bool)), 1)
+        results = []
+        for row in torch.stack(out, 1).tolist() if out else [[] for _ in prompts]:
+            ends = [i for i, t in enumerate(row) if t in stop_tokens]
+            results.append(row[:ends[0]] if ends else row)
+        return results
+
+
+def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """Pick one token per row from (B, vocab) logits; never a padding id beyond GPT-2's vocab."""
+    logits = logits.float()
+    logits[:, GPT2_VOCAB:] = -float("inf")
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, -float("inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)

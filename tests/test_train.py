@@ -1,0 +1,161 @@
+"""Pretraining: configs are validated, runs resume exactly, torchrun DDP keeps replicas in sync."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train
+import trainer
+from common import UserError
+from config import FinetuneConfig, TrainConfig, parse_config
+
+from conftest import ROOT
+
+TINY = ["config/pretrain_smoke.py", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
+        "--batch_size=2", "--eval_iters=2", "--log_interval=1"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A small learnable token stream: a repeated random pattern."""
+    rng = np.random.default_rng(0)
+    data = np.tile(rng.integers(0, 300, size=37), 300).astype(np.uint16)
+    data.tofile(tmp_path / "train.bin")
+    data[:2000].tofile(tmp_path / "val.bin")
+    return tmp_path
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_weights(out_dir):
+    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=False)["model"]
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+def test_presets_and_overrides_are_typed():
+    cfg = parse_config(TrainConfig, ["config/pretrain_cpu.py", "--n_layer=2", "--compile", "--dropout", "0.1"])
+    assert (cfg.n_layer, cfg.compile, cfg.dropout, cfg.block_size) == (2, True, 0.1, 256)
+    assert parse_config(TrainConfig, ["--learning-rate=1e-3"]).learning_rate == 1e-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layers=3"], "unknown option --n_layers; valid keys: "),
+    (["--n_layer=three"], "--n_layer expects int, got 'three'"),
+    (["--compile=maybe"], "--compile expects true or false"),
+    (["config/nope.py"], "config file config/nope.py not found"),
+    (["--norm=batchnorm"], "bad config: norm='batchnorm'; choose one of"),
+])
+def test_bad_config_is_a_clear_error(argv, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("?", r"\?")):
+        parse_config(TrainConfig, argv)
+
+
+def test_preset_file_with_unknown_key_or_wrong_type(tmp_path):
+    bad_key = tmp_path / "bad_key.py"
+    bad_key.write_text("n_layer = 2\nlearning_rat = 1e-3\n")
+    with pytest.raises(UserError, match="unknown key 'learning_rat'; valid keys: .*learning_rate"):
+        parse_config(TrainConfig, [str(bad_key)])
+    bad_type = tmp_path / "bad_type.py"
+    bad_type.write_text("n_layer = '2'\n")
+    with pytest.raises(UserError, match="n_layer must be int, got str"):
+        parse_config(TrainConfig, [str(bad_type)])
+
+
+def test_finetune_config_has_its_own_keys_and_the_shared_ones():
+    cfg = parse_config(FinetuneConfig, ["--init_from=x.pt", "--replay_fraction=0.2", "--n_layer=3"])
+    assert (cfg.init_from, cfg.replay_fraction, cfg.n_layer) == ("x.pt", 0.2, 3)
+    with pytest.raises(UserError, match="unknown option --init_from"):
+        parse_config(TrainConfig, ["--init_from=x.pt"])
+
+
+def test_missing_data_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "config/pretrain_smoke.py", f"--data_dir={tmp_path}/none"],
+                            cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path}/none/train.bin not found; run prepare_owt.py (or point data_dir at its output)"]
+
+
+def test_learning_rate_warms_up_then_decays_to_min():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    lrs = [trainer.lr_at(i, cfg, 1.0) for i in range(120)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def test_training_lowers_loss_and_writes_checkpoints_and_metrics(corpus):
+    out = corpus / "out"
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={out}", "--max_iters=30", "--eval_interval=10"])
+    records = read_metrics(out)
+    evals = [r["val_loss"] for r in records if r["type"] == "eval"]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 1.0
+    train_rows = [r for r in records if r["type"] == "train"]
+    assert [r["iter"] for r in train_rows] == list(range(1, 31))
+    assert all(r["tokens_per_s"] > 0 and "mfu" in r for r in train_rows)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["iter_num"] == 30 and ckpt["config"]["n_embd"] == 32
+    assert (out / "best.pt").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+
+
+def test_interrupted_run_resumes_exactly(corpus):
+    """Stopped by SIGTERM at any step and resumed, a run ends with the same weights and losses
+    as an uninterrupted one."""
+    args = TINY + [f"--data_dir={corpus}", "--max_iters=16", "--eval_interval=5", "--dropout=0.1"]
+    train.main(args + [f"--out_dir={corpus}/full"])
+
+    cmd = [sys.executable, "train.py"] + args + [f"--out_dir={corpus}/cut"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # stop it as soon as it is really training
+        if line.startswith("iter 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = line + proc.stdout.read()
+    assert proc.wait(timeout=120) == 130, output
+    stopped_at = torch.load(corpus / "cut" / "ckpt.pt", weights_only=False)["iter_num"]
+    assert 3 <= stopped_at < 16, output
+
+    train.main(args + [f"--out_dir={corpus}/cut", "--resume"])
+    full, cut = final_weights(corpus / "full"), final_weights(corpus / "cut")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    losses = lambda d: [(r["iter"], r.get("loss", r.get("val_loss"))) for r in read_metrics(d)]
+    assert losses(corpus / "cut") == losses(corpus / "full")
+
+
+def test_resume_with_a_different_model_shape_is_a_clear_error(corpus):
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=2"])
+    with pytest.raises(UserError, match=r"does not fit the configured model \(shape of .*\); use the same"):
+        train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=4", "--n_embd=64",
+                           "--resume"])
+
+
+def test_torchrun_two_processes_see_different_data_and_stay_in_sync(corpus):
+    args = TINY + [f"--data_dir={corpus}", "--max_iters=6", "--eval_interval=100", "--gradient_accumulation_steps=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    result = subprocess.run(cmd + args + [f"--out_dir={corpus}/ddp"], cwd=ROOT, env=env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ranks = [r for r in read_metrics(corpus / "ddp") if r["type"] == "ranks"][0]["ranks"]
+    assert ranks[0]["first_batch"] != ranks[1]["first_batch"]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    # the two processes together draw the batches one process draws with 2 micro-steps
+    train.main(args + [f"--out_dir={corpus}/single"])
+    ddp, single = final_weights(corpus / "ddp"), final_weights(corpus / "single")
+    assert all(torch.allclose(ddp[k], single[k], atol=1e-5) for k in ddp)

@@ -1,0 +1,33 @@
+"""Pretrain a GPT on tokens prepared by prepare_owt.py.
+
+    python train.py config/pretrain_cpu.py                      # one CPU
+    python train.py config/pretrain_gpt2_124m_1gpu.py           # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py config/pretrain_gpt2_124m.py
+    python train.py config/pretrain_cpu.py --resume             # continue an interrupted run
+"""
+import os
+import sys
+
+import torch
+
+from common import run_main
+from config import TrainConfig, parse_config
+from data import TokenWindows
+from trainer import build_model, setup_runtime, train
+
+
+def main(argv=None):
+    cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv)
+    rt = setup_runtime(cfg)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    train_source = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
+    val_source = TokenWindows(os.path.join(cfg.data_dir, "val.bin"), cfg.block_size, cfg.batch_size, cfg.seed,
+                              split_id=1)
+    train(cfg, model, train_source, {"val": val_source}, rt)
+    if rt.ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
