@@ -1,0 +1,194 @@
+"""Tokenize the finetuning tasks (CNN/DailyMail, SQuAD v1.1, SST-2) into flat token files.
+
+    python prepare_finetune.py [--tasks cnn_dailymail,squad,sst2] [--splits train,validation]
+        [--data-root DIR] [--out-dir data/finetune] [--block-size 1024] [--limit N] [--num-proc K]
+
+Prompts and targets come from tasks.py (the same code evaluate.py uses). For each task and split:
+
+    <out-dir>/<task>/<split>.bin      np.uint16 tokens: each example's prompt ids then its target
+                                      ids (ending with EOT), examples back to back
+    <out-dir>/<task>/<split>.idx.npy  np.int64, shape (N, 3), one row per example:
+                                      [offset of its first token in .bin, prompt_len, length]
+                                      (length = prompt_len + target_len; the loss goes on
+                                      tokens[prompt_len:length], i.e. target + EOT)
+    <out-dir>/<task>/meta.json        tasks_version, block_size, tokenizer and per-split figures
+
+Every example fits: prompt_len + target_len <= block_size. tasks.FinetuneSplit(prefix) reads a
+split. Files are written atomically, meta.json last; a meta.json from an earlier run with the
+same tasks_version, block size and tokenizer keeps its other splits. Rows are tokenized in a
+process pool (imap keeps the order), so the output is the same for any --num-proc. Without
+--data-root the data comes from the Hugging Face hub. Unlabelled splits (SST-2 test) and
+splits a task does not have are skipped with a note.
+"""
+import argparse
+import json
+import os
+import time
+from multiprocessing import Pool
+
+import numpy as np
+from tqdm import tqdm
+
+import tasks
+from common import UserError, atomic_path, get_tokenizer, run_main, write_json
+
+_ENC = None
+
+
+def _init_worker():
+    global _ENC
+    _ENC = get_tokenizer()
+
+
+def _encode(job):
+    """Worker: (task, row, block_size) -> (token bytes, prompt_len, input_cut, target_cut)."""
+    task_name, row, block_size = job
+    ex = tasks.encode_example(task_name, row, _ENC, block_size)
+    tokens = np.array(ex["prompt"] + ex["target"], dtype=np.uint16)
+    return tokens.tobytes(), len(ex["prompt"]), ex["input_cut"], ex["target_cut"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default=",".join(tasks.TASK_NAMES), help="comma-separated task names")
+    p.add_argument("--splits", default="train,validation", help="comma-separated split names")
+    p.add_argument("--data-root", default=None, help="folder with <task>/<split>.jsonl.gz (default: the hub)")
+    p.add_argument("--out-dir", default="data/finetune")
+    p.add_argument("--block-size", type=int, default=1024)
+    p.add_argument("--limit", type=int, default=None, help="at most N rows per split (smoke tests)")
+    p.add_argument("--num-proc", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    return p.parse_args(argv)
+
+
+def check_rows(task_name, split, rows, source):
+    """Fail early, naming the row, on anything the workers would trip over (e.g. a bad label)."""
+    for i, row in enumerate(rows):
+        try:
+            tasks.training_target(task_name, row)
+            for text in tasks.source_texts(task_name, row):
+                if not isinstance(text, str):
+                    raise UserError(f"an input is {type(text).__name__}, not text")
+        except UserError as e:
+            raise UserError(f"{task_name}: {source} row {i + 1}: {e}")
+        except (AttributeError, TypeError, KeyError, IndexError) as e:
+            raise UserError(f"{task_name}: {source} row {i + 1} is malformed ({type(e).__name__}: {e}); fix the data")
+
+
+def prepare_split(task_name, split, rows, args, pool):
+    prefix = os.path.join(args.out_dir, task_name, split)
+    index = np.zeros((len(rows), 3), dtype=np.int64)
+    offset = target_tokens = n_input_cut = tokens_cut = max_cut = n_target_cut = 0
+    jobs = ((task_name, row, args.block_size) for row in rows)
+    results = pool.imap(_encode, jobs, chunksize=64) if pool is not None else map(_encode, jobs)
+    with atomic_path(prefix + ".bin") as tmp_bin:
+        with open(tmp_bin, "wb") as f:
+            for i, (data, prompt_len, input_cut, target_cut) in enumerate(
+                    tqdm(results, total=len(rows), desc=f"{task_name}/{split}", unit="ex", mininterval=1.0)):
+                length = len(data) // 2
+                f.write(data)
+                index[i] = (offset, prompt_len, length)
+                offset += length
+                target_tokens += length - prompt_len
+                if input_cut:
+                    n_input_cut += 1
+                    tokens_cut += input_cut
+                    max_cut = max(max_cut, input_cut)
+                n_target_cut += bool(target_cut)
+        with atomic_path(prefix + ".idx.npy") as tmp_idx:
+            with open(tmp_idx, "wb") as f:
+                np.save(f, index)
+    lengths = index[:, 2]
+    return {
+        "examples": len(rows),
+        "tokens": int(offset),
+        "target_tokens": int(target_tokens),
+        "target_fraction": round(target_tokens / max(offset, 1), 4),
+        "mean_length": round(float(lengths.mean()), 1),
+        "max_length": int(lengths.max()),
+        "inputs_cut": n_input_cut,
+        "input_tokens_cut_mean": round(tokens_cut / n_input_cut, 1) if n_input_cut else 0.0,
+        "input_tokens_cut_max": int(max_cut),
+        "targets_cut": n_target_cut,
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    split_names = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if not task_names or not split_names:
+        raise UserError("--tasks and --splits need at least one name each, e.g. --splits train,validation")
+    for t in task_names:
+        tasks.get_task(t)
+    if args.block_size < 64:
+        raise UserError(f"--block-size {args.block_size} is too small; use at least 64 (1024 for GPT-2)")
+    if args.num_proc < 1:
+        raise UserError(f"--num-proc must be at least 1, not {args.num_proc}")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, not {args.limit}")
+    if args.data_root is not None and not os.path.isdir(args.data_root):
+        raise UserError(f"--data-root {args.data_root} is not a folder; point it at the folder holding "
+                        f"cnn_dailymail/, squad/, glue_sst2/")
+
+    get_tokenizer()  # fail fast, with its one-line message, before any work
+    start = time.time()
+    pool = Pool(args.num_proc, initializer=_init_worker) if args.num_proc > 1 else None
+    if pool is None:
+        _init_worker()
+    try:
+        for task_name in task_names:
+            task = tasks.get_task(task_name)
+            stats = {}
+            for split in split_names:
+                if split not in task.splits:
+                    print(f"note: {task_name} has no {split!r} split (it has {', '.join(task.splits)}); skipped")
+                    continue
+                if split in task.unlabelled_splits:
+                    print(f"note: {task_name} {split!r} is unlabelled (labels -1); skipped")
+                    continue
+                rows = tasks.load_rows(task_name, split, args.data_root, args.limit)
+                source = (tasks.local_file(task_name, split, args.data_root) if args.data_root
+                          else f"{task.hub_path} split {split!r}")
+                check_rows(task_name, split, rows, source)
+                stats[split] = prepare_split(task_name, split, rows, args, pool)
+                s = stats[split]
+                print(f"{task_name}/{split}: {s['examples']:,} examples, {s['tokens']:,} tokens "
+                      f"({s['target_fraction']:.1%} target), {s['inputs_cut']:,} inputs cut, "
+                      f"{s['targets_cut']:,} targets cut")
+            if stats:
+                write_meta(task_name, stats, args)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    print(f"done in {time.time() - start:.1f}s; wrote {args.out_dir}")
+
+
+def write_meta(task_name, stats, args):
+    task = tasks.get_task(task_name)
+    path = os.path.join(args.out_dir, task_name, "meta.json")
+    meta = {
+        "task": task_name,
+        "tasks_version": tasks.TASKS_VERSION,
+        "block_size": args.block_size,
+        "tokenizer": "gpt2",
+        "dtype": "uint16",
+        "index_columns": ["offset", "prompt_len", "length"],
+        "max_target_tokens": task.max_target_tokens,
+        "source": args.data_root or task.hub_path,
+        "limit": args.limit,
+        "splits": {},
+    }
+    try:
+        with open(path) as f:
+            old = json.load(f)
+        if all(old.get(k) == meta[k] for k in ("tasks_version", "block_size", "tokenizer", "limit")):
+            meta["splits"].update(old.get("splits", {}))
+    except (OSError, ValueError):
+        pass
+    meta["splits"].update(stats)
+    write_json(path, meta)
+
+
+if __name__ == "__main__":
+    run_main(main)
