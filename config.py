@@ -134,6 +134,7 @@ def parse_config(cls, argv):
         values[key] = _parse_value(key, text, types[key])
     try:
         config = cls(**values)
+        config.explicit = frozenset(values)  # what the user set, as opposed to defaults
         from model import GPTConfig
         GPTConfig(**config.model_fields())  # validates the architecture choices early
     except ValueError as e:

@@ -67,11 +67,10 @@ class FinetuneMixture:
             split = self.splits[self.names[rng.choice(len(self.names), p=self.probs)]]
             tokens, prompt_len = split.example(int(rng.integers(len(split))))
             if filled + len(tokens) > self.block_size + 1:
-                if filled == 0:  # longer than a row (prepared for a larger block): keep its end
-                    cut = len(tokens) - (self.block_size + 1)
-                    tokens, prompt_len = tokens[cut:], max(prompt_len - cut, 1)
-                else:
-                    break
+                if filled == 0:
+                    raise UserError(f"a {len(tokens)}-token example does not fit block_size "
+                                    f"{self.block_size}; rerun prepare_finetune.py --block-size {self.block_size}")
+                break
             x[filled:filled + len(tokens)] = tokens
             mask[filled + prompt_len:filled + len(tokens)] = True
             filled += len(tokens)

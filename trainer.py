@@ -326,7 +326,7 @@ def train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=None, bes
         return losses
 
     while it < cfg.max_iters:
-        if it % cfg.eval_interval == 0 and it > start_iter:
+        if it % cfg.eval_interval == 0 and (it > start_iter or it == 0):  # iter 0: the starting point
             losses = evaluate(it)
         for opt in optimizers:
             for group in opt.param_groups:

@@ -1,0 +1,118 @@
+"""Finetune a pretrained GPT on a random mix of tasks (CNN/DailyMail, SQuAD, SST-2) plus a
+share of pretraining text, with the loss on target tokens only. Same loop as pretraining.
+
+    python prepare_finetune.py --block-size 512 --data-root ../shared/data
+    python finetune.py config/finetune_cpu.py --init_from=out/cpu/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 finetune.py config/finetune_gpu.py
+
+Writes out_dir/model.pt (the best model by mean per-task validation loss: the deliverable),
+out_dir/ckpt.pt (the last state, for --resume) and out_dir/metrics.jsonl.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+import tasks
+from common import UserError, run_main
+from config import FinetuneConfig, parse_config
+from data import FinetuneMixture, TokenWindows
+from model import GPT, GPTConfig
+from trainer import load_checkpoint, load_weights, setup_runtime, train
+
+
+def task_weights(cfg, names, sizes):
+    """Sampling weight per task: given explicitly, or each task's size capped at mix_cap (so a
+    huge task does not drown the small ones)."""
+    if not cfg.task_weights:
+        return {n: float(min(sizes[n], cfg.mix_cap)) for n in names}
+    weights = {}
+    for item in cfg.task_weights.split(","):
+        name, _, value = item.partition(":")
+        name = name.strip()
+        if name not in names:
+            raise UserError(f"task_weights names {name!r}, which is not in tasks ({', '.join(names)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UserError(f"task_weights entry {item!r} must look like name:number") from None
+    missing = [n for n in names if n not in weights]
+    if missing or any(w < 0 for w in weights.values()) or not sum(weights.values()):
+        raise UserError(f"task_weights must give every task a weight >= 0, not all 0 (missing: {missing})")
+    return weights
+
+
+def open_task_splits(cfg, names, split):
+    splits = {}
+    for name in names:
+        meta_path = os.path.join(cfg.finetune_dir, name, "meta.json")
+        if not os.path.isfile(meta_path):
+            raise UserError(f"{meta_path} not found; run prepare_finetune.py --tasks {name} "
+                            f"--block-size {cfg.block_size} first")
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta["tasks_version"] != tasks.TASKS_VERSION:
+            raise UserError(f"{meta_path} was prepared with task prompts v{meta['tasks_version']}, this code has "
+                            f"v{tasks.TASKS_VERSION}; rerun prepare_finetune.py")
+        if meta["block_size"] > cfg.block_size:
+            raise UserError(f"{meta_path} was prepared for block_size {meta['block_size']} but the model has "
+                            f"{cfg.block_size}; rerun prepare_finetune.py --block-size {cfg.block_size}")
+        splits[name] = tasks.FinetuneSplit(os.path.join(cfg.finetune_dir, name, split))
+        if not len(splits[name]):
+            raise UserError(f"{cfg.finetune_dir}/{name}/{split} has no examples")
+    return splits
+
+
+def model_from_checkpoint(cfg, ckpt):
+    """The architecture comes from the checkpoint; fields the user set explicitly must agree
+    (a shape mismatch is a clear error), except dropout, which finetuning may change."""
+    arch = dict(ckpt["model_config"])
+    for field in dataclasses.fields(GPTConfig):
+        if field.name in cfg.explicit:
+            arch[field.name] = getattr(cfg, field.name)
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in arch.items() if hasattr(cfg, k)})
+    model = GPT(GPTConfig(**arch))
+    load_weights(model, ckpt["model"], cfg.init_from)
+    return cfg, model
+
+
+def loss_token_fraction(source, n=8):
+    masks = [source.batch(0, k)[2] for k in range(n)]
+    return float(torch.cat([m.flatten() for m in masks]).float().mean())
+
+
+def main(argv=None):
+    cfg = parse_config(FinetuneConfig, sys.argv[1:] if argv is None else argv)
+    names = [n.strip() for n in cfg.tasks.split(",") if n.strip()]
+    for name in names:
+        tasks.get_task(name)
+    rt = setup_runtime(cfg)
+    torch.manual_seed(cfg.seed)
+    explicit = cfg.explicit
+    cfg, model = model_from_checkpoint(cfg, load_checkpoint(cfg.init_from))
+    cfg.explicit = explicit
+
+    train_splits, val_splits = open_task_splits(cfg, names, "train"), open_task_splits(cfg, names, "validation")
+    weights = task_weights(cfg, names, {n: len(s) for n, s in train_splits.items()})
+    replay = None
+    if cfg.replay_fraction > 0:
+        replay = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
+    train_source = FinetuneMixture(train_splits, weights, cfg.block_size, cfg.batch_size, cfg.seed,
+                                   replay=replay, replay_fraction=cfg.replay_fraction)
+    eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, cfg.batch_size, cfg.seed, split_id=1)
+                    for n, s in val_splits.items()}
+    if rt.master:
+        total = sum(weights.values())
+        print("task mix: " + ", ".join(f"{n} {w / total:.1%}" for n, w in weights.items()) +
+              f"; replay {cfg.replay_fraction:.0%} of rows; "
+              f"{loss_token_fraction(train_source):.1%} of batch tokens carry loss")
+    extra = {"tasks_version": tasks.TASKS_VERSION, "tasks": names, "init_from": cfg.init_from}
+    train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=extra, best_name="model.pt")
+    if rt.ddp:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_main(main)
