@@ -1,10 +1,10 @@
 # Multitask finetuning of the CPU-pretrained model, about 30 minutes on 2 CPU cores:
 #   python prepare_finetune.py --block-size 512 --data-root ../shared/data
 #   python finetune.py config/finetune_cpu.py
-out_dir = "out/cpu_finetune"
-init_from = "out/cpu/ckpt.pt"
+out_dir = "out/cpu/finetune"
+init_from = "out/cpu/pretrain/ckpt.pt"
 data_dir = "data/owt"  # replay text
-finetune_dir = "data/finetune"
+finetune_dir = "data/finetune_512"
 batch_size = 4
 gradient_accumulation_steps = 1
 max_iters = 1000

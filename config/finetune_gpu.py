@@ -3,10 +3,10 @@
 #   python prepare_finetune.py --block-size 1024
 #   python finetune.py config/finetune_gpu.py
 # 16 x 1024 x 4 = 65,536 tokens per step, 3,000 steps = 2 passes over the default mix.
-out_dir = "out/gpt2_124m_finetune"
-init_from = "out/gpt2_124m/ckpt.pt"
+out_dir = "out/gpu/finetune"
+init_from = "out/gpu/pretrain/ckpt.pt"
 data_dir = "data/owt"
-finetune_dir = "data/finetune"
+finetune_dir = "data/finetune_1024"
 batch_size = 16
 gradient_accumulation_steps = 4
 max_iters = 3000

@@ -1,9 +1,9 @@
 # A tiny finetune for tests: python finetune.py config/finetune_smoke.py
-out_dir = "out/smoke_finetune"
-init_from = "out/smoke/ckpt.pt"
+out_dir = "out/smoke/finetune"
+init_from = "out/smoke/pretrain/ckpt.pt"
 data_dir = "data/smoke"
-finetune_dir = "data/smoke_finetune"
-batch_size = 4
+finetune_dir = "data/finetune_256"
+batch_size = 2
 max_iters = 20
 warmup_iters = 2
 learning_rate = 1e-3

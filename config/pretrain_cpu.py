@@ -1,7 +1,7 @@
 # A 16M-parameter GPT that learns real English in about 30 minutes on 2 CPU cores
 # (~2M tokens). Blocks of 512 tokens leave room for finetuning prompts (a CNN article's
 # lead, a SQuAD passage). Most parameters sit in the 50k-token embedding; the 4 blocks are what learns.
-out_dir = "out/cpu"
+out_dir = "out/cpu/pretrain"
 data_dir = "data/owt"
 block_size = 512
 n_layer = 4

@@ -2,7 +2,7 @@
 #   torchrun --standalone --nproc_per_node=8 train.py config/pretrain_gpt2_124m.py
 # 12 sequences x 1024 tokens x 40 micro-steps (5 per GPU) = 491,520 tokens per step.
 # 8,000 steps = 3.9B tokens, about one pass over a 13-15 GB OpenWebText subset (~3.3B tokens).
-out_dir = "out/gpt2_124m"
+out_dir = "out/full/pretrain"
 data_dir = "data/owt"
 block_size = 1024
 n_layer = 12

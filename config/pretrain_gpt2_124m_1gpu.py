@@ -2,7 +2,7 @@
 # 32 x 1024 x 4 = 131,072 tokens per step; 10,000 steps = 1.3B tokens (a few hours on an
 # A100/H100 with bf16 + torch.compile). Lower batch_size if memory runs out; raise
 # gradient_accumulation_steps to keep the tokens per step.
-out_dir = "out/gpt2_124m_1gpu"
+out_dir = "out/gpu/pretrain"
 data_dir = "data/owt"
 block_size = 1024
 n_layer = 12

@@ -1,0 +1,10 @@
+# Minutes on a laptop CPU: proves the whole path (tiny model, a few hundred thousand tokens).
+#   python pipeline.py --preset smoke --data-root ../shared/data
+run = "smoke"
+owt_name = "owt_smoke"
+owt_max_tokens = 300_000
+pretrain_config = "config/pretrain_smoke.py"
+finetune_config = "config/finetune_smoke.py"
+finetune_block_size = 256
+finetune_limit = 64
+eval_limit = 4

@@ -1,0 +1,170 @@
+"""From nothing to model.pt, scores and a report, in one command:
+
+    python pipeline.py --preset smoke --data-root ../shared/data    # minutes: proves the path
+    python pipeline.py --preset cpu                                 # the CPU reference run
+    python pipeline.py --preset gpu                                 # one GPU, a few hours
+
+Steps: prepare_owt -> pretrain -> prepare_finetune -> finetune -> evaluate -> report. Each is
+the ordinary script with its ordinary config, printed before it runs, so any one can be rerun
+or replaced by hand. A step is skipped when its outputs exist and its command and inputs are
+unchanged since it last finished (a stamp in out/<run>/pipeline/); a step whose stamp is
+missing reruns, and training steps resume from their checkpoint, so an interrupted pipeline
+picks up where it stopped. Deleting an output reruns that step and the steps after it that
+read it.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from common import UserError, run_main, write_json
+from config import parse_config
+
+
+@dataclass
+class PipelineConfig:
+    run: str = "smoke"  # outputs go to out/<run>/
+    owt_name: str = "owt_smoke"  # data/<owt_name>/ from prepare_owt.py
+    owt_max_tokens: int = 0  # 0: the whole source
+    pretrain_config: str = "config/pretrain_smoke.py"
+    pretrain_args: str = ""  # extra --key=value overrides
+    finetune_config: str = "config/finetune_smoke.py"
+    finetune_args: str = ""
+    finetune_block_size: int = 64
+    finetune_limit: int = 0  # rows per split for prepare_finetune (0: all)
+    eval_limit: int = 0  # examples per task for evaluate (0: all)
+    eval_args: str = ""
+    nproc: int = 1  # >1 runs the training steps under torchrun
+
+
+@dataclass
+class Step:
+    name: str
+    command: list
+    inputs: list  # files whose change makes the step rerun
+    outputs: list  # files the step must leave behind
+    resumable_dir: str = ""  # a training run's out_dir: resumed when unfinished, cleared when outdated
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def in_repo(path):
+    """Scripts and presets are found beside this file, so the pipeline can run from any folder
+    (data/ and out/ are made in the current one)."""
+    return path if os.path.exists(path) else os.path.join(ROOT, path)
+
+
+def python_cmd(script, cfg):
+    if cfg.nproc > 1 and script in ("train.py", "finetune.py"):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
+                in_repo(script)]
+    return [sys.executable, in_repo(script)]
+
+
+def build_steps(cfg, data_root):
+    out, owt = os.path.join("out", cfg.run), os.path.join("data", cfg.owt_name)
+    ft_data = os.path.join("data", f"finetune_{cfg.finetune_block_size}" +
+                           (f"_limit{cfg.finetune_limit}" if cfg.finetune_limit else ""))
+    root = [f"--data-root={data_root}"] if data_root else []
+    pre_cfg, ft_cfg = in_repo(cfg.pretrain_config), in_repo(cfg.finetune_config)
+    task_meta = [os.path.join(ft_data, t, "meta.json") for t in ("cnn_dailymail", "squad", "sst2")]
+    pre_ckpt, model_pt = f"{out}/pretrain/ckpt.pt", f"{out}/finetune/model.pt"
+    evals = [f"{out}/eval/{t}_validation_metrics.json" for t in ("squad", "cnn_dailymail", "sst2")]
+    return [
+        Step("prepare_owt", python_cmd("prepare_owt.py", cfg) + ["--name", cfg.owt_name, "--decontaminate"]
+             + (["--source", os.path.join(data_root, "webtext")] if data_root else [])
+             + ([f"--max-tokens={cfg.owt_max_tokens}"] if cfg.owt_max_tokens else []) + root,
+             [], [f"{owt}/train.bin", f"{owt}/val.bin", f"{owt}/meta.json"]),
+        Step("pretrain", python_cmd("train.py", cfg) + [pre_cfg, f"--data_dir={owt}",
+             f"--out_dir={out}/pretrain", "--resume"] + cfg.pretrain_args.split(),
+             [pre_cfg, f"{owt}/meta.json"], [pre_ckpt], resumable_dir=f"{out}/pretrain"),
+        Step("prepare_finetune", python_cmd("prepare_finetune.py", cfg) + [
+             f"--block-size={cfg.finetune_block_size}", f"--out-dir={ft_data}"]
+             + ([f"--limit={cfg.finetune_limit}"] if cfg.finetune_limit else []) + root,
+             [in_repo("tasks.py")], task_meta),
+        Step("finetune", python_cmd("finetune.py", cfg) + [ft_cfg, f"--init_from={pre_ckpt}",
+             f"--finetune_dir={ft_data}", f"--data_dir={owt}", f"--out_dir={out}/finetune", "--resume"]
+             + cfg.finetune_args.split(),
+             [ft_cfg, pre_ckpt] + task_meta, [model_pt], resumable_dir=f"{out}/finetune"),
+        Step("evaluate", python_cmd("evaluate.py", cfg) + ["--task=all", f"--ckpt={model_pt}",
+             f"--out={out}/eval", f"--owt-bin={owt}/val.bin"]
+             + ([f"--limit={cfg.eval_limit}"] if cfg.eval_limit else []) + root + cfg.eval_args.split(),
+             [model_pt, in_repo("tasks.py"), in_repo("metrics.py")], evals),
+        Step("report", python_cmd("report.py", cfg) + [out],
+             evals + [pre_ckpt, model_pt], [f"{out}/REPORT.md"]),
+    ]
+
+
+def signature(step):
+    """What the step's last successful run depended on: its command and its inputs' states."""
+    parts = [" ".join(step.command)]
+    for path in step.inputs:
+        st = os.stat(path) if os.path.exists(path) else None
+        parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}" if st else f"{path}:missing")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def run_step(step, stamp_dir, dry_run):
+    stamp_path = os.path.join(stamp_dir, step.name + ".json")
+    stamp = json.load(open(stamp_path)) if os.path.exists(stamp_path) else None
+    sig = signature(step)
+    if stamp and stamp["signature"] == sig and all(os.path.exists(p) for p in step.outputs):
+        print(f"[{step.name}] up to date, skipped")
+        return stamp["seconds"], True
+    if stamp and stamp["signature"] != sig and step.resumable_dir and os.path.isdir(step.resumable_dir):
+        # it finished once with other inputs: its checkpoint belongs to that run, start afresh
+        shutil.rmtree(step.resumable_dir)
+    print(f"[{step.name}] $ " + " ".join(step.command), flush=True)
+    if dry_run:
+        return 0.0, False
+    started = time.time()
+    result = subprocess.run(step.command)
+    if result.returncode != 0:
+        raise UserError(f"step {step.name} failed (exit {result.returncode}); fix the cause above and rerun "
+                        f"the pipeline: finished steps are skipped and training resumes")
+    missing = [p for p in step.outputs if not os.path.exists(p)]
+    if missing:
+        raise UserError(f"step {step.name} finished without writing {missing[0]}")
+    seconds = time.time() - started
+    write_json(stamp_path, {"signature": signature(step), "command": step.command, "seconds": seconds,
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return seconds, False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="smoke", help="config/pipeline_<preset>.py: smoke, cpu, gpu or full")
+    p.add_argument("--data-root", default=None,
+                   help="local copies of the data sets in the hub's schemas (e.g. ../shared/data); default: the hub")
+    p.add_argument("--dry-run", action="store_true", help="print the steps that would run")
+    p.add_argument("overrides", nargs="*", help="--key=value overrides of the preset (after --)")
+    args = p.parse_args(argv)
+    preset = in_repo(os.path.join("config", f"pipeline_{args.preset}.py"))
+    if not os.path.exists(preset):
+        raise UserError(f"no preset {args.preset!r}: {preset} not found; try smoke, cpu, gpu or full")
+    cfg = parse_config(PipelineConfig, [preset] + args.overrides)
+    if args.data_root and not os.path.isdir(args.data_root):
+        raise UserError(f"--data-root {args.data_root} is not a folder")
+    stamp_dir = os.path.join("out", cfg.run, "pipeline")
+    timings = {}
+    for step in build_steps(cfg, args.data_root):
+        seconds, skipped = run_step(step, stamp_dir, args.dry_run)
+        timings[step.name] = {"seconds": round(seconds, 1), "skipped": skipped, "command": step.command}
+        if not args.dry_run:  # written as it goes: the report step reads it
+            write_json(os.path.join(stamp_dir, "timings.json"),
+                       {"preset": args.preset, "config": dataclasses.asdict(cfg), "data_root": args.data_root,
+                        "steps": timings})
+    if not args.dry_run:
+        print("step times: " + ", ".join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in timings.items()))
+        print(f"done: out/{cfg.run}/finetune/model.pt, out/{cfg.run}/eval/, out/{cfg.run}/REPORT.md")
+
+
+if __name__ == "__main__":
+    run_main(main)
