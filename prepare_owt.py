@@ -1,0 +1,309 @@
+"""Tokenize a web-text corpus (OpenWebText by default) into train.bin / val.bin for pretraining.
+
+Writes <out-dir>/<name>/:
+  train.bin, val.bin  GPT-2 BPE ids (tiktoken encode_ordinary) as np.uint16, EOT 50256 after
+                      every document
+  meta.json           tokenizer, per-split token/document counts, source, arguments and
+                      decontamination counts; written last, so a folder without it is unfinished
+
+Documents are streamed, tokenized in chunks by a process pool and appended to the output as
+they come back, so memory stays flat whatever the corpus size. A document goes to val when a
+seeded hash of its text falls below --val-fraction: the split depends only on the text and
+--seed (identical documents share a split), so the output is byte-identical for any --num-proc.
+
+examples:
+  python prepare_owt.py --max-tokens 10000000          # first 10M tokens of OpenWebText (hub)
+  python prepare_owt.py --source ../shared/data/webtext --decontaminate --data-root ../shared/data
+"""
+import argparse
+import contextlib
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+import zlib
+
+import numpy as np
+from tqdm import tqdm
+
+import decontaminate
+from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
+
+HUB_DATASET = "Skylion007/openwebtext"
+EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
+CHUNK_DOCS, CHUNK_BYTES = 64, 1 << 20  # one pool task: up to 64 documents or ~1 MB of text
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--source", help="a directory (its files, sorted; not recursive: use a glob like 'd/**/*.txt'), a glob or a file of "
+                   ".jsonl / .jsonl.gz / .parquet (field or column 'text') or .txt (one file = one document); "
+                   f"default: stream {HUB_DATASET} from the hub")
+    p.add_argument("--name", default="owt", help="output folder under --out-dir (default: owt)")
+    p.add_argument("--out-dir", default="data", help="default: data")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="keep the longest prefix of the documents whose tokens "
+                   "(EOT included, train+val) total at most N; documents are never cut")
+    p.add_argument("--max-bytes", type=int, metavar="N", help="read the longest prefix of the source documents whose "
+                   "UTF-8 text totals at most N bytes (decontaminated documents count: they were read)")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="expected share of documents in val")
+    p.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
+    p.add_argument("--seed", type=int, default=0, help="salts the train/val split hash")
+    p.add_argument("--decontaminate", action="store_true", help="drop documents sharing a 13-word span "
+                   "(case and punctuation ignored) with the finetuning tasks' evaluation texts")
+    p.add_argument("--data-root", help="local task data for --decontaminate, e.g. ../shared/data; "
+                   "default: the hub")
+    args = p.parse_args(argv)
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    for flag in ("num_proc", "max_tokens", "max_bytes"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.decontaminate and args.data_root and not os.path.isdir(args.data_root):
+        raise UserError(f"--data-root {args.data_root} is not a directory; point it at the task data")
+    return args
+
+
+# ---- reading documents ----------------------------------------------------------------------
+
+def source_files(source):
+    """The files a --source names, in a fixed order (the order decides the output)."""
+    if any(c in source for c in "*?["):
+        files = sorted(f for f in glob.glob(source, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise UserError(f"--source {source} matches no files; check the pattern")
+    elif os.path.isdir(source):
+        files = sorted(os.path.join(source, f) for f in os.listdir(source))
+    elif os.path.isfile(source):
+        if not source.endswith(EXTENSIONS):
+            raise UserError(f"--source {source} is not a {'/'.join(EXTENSIONS)} file; convert it to one")
+        return [source]
+    else:
+        raise UserError(f"--source {source} does not exist; pass a directory, a glob or a file")
+    files = [f for f in files if f.endswith(EXTENSIONS) and os.path.isfile(f)]
+    if not files:
+        raise UserError(f"--source {source} holds no {'/'.join(EXTENSIONS)} files; convert the data to one")
+    return files
+
+
+def read_jsonl(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if raw.strip():
+                    yield parse_json_line(raw, f"{path} line {lineno}")
+    except (OSError, EOFError, zlib.error) as e:  # a damaged or truncated .gz
+        raise UserError(f"cannot read {path} ({e}); the file is damaged, fetch or write it again") from None
+
+
+def parse_json_line(raw, where):
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where} is not UTF-8 ({e.reason} at byte {e.start}); re-encode the file as UTF-8") from None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: malformed JSON ({e.msg}, column {e.colno}); fix or delete that line") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise UserError(f'{where} has no "text" string field; each line must be an object like {{"text": "..."}}')
+    return row["text"]
+
+
+def read_parquet(path):
+    import pyarrow.parquet as pq  # installed with datasets
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises several types for a bad file
+        raise UserError(f"cannot read {path} as parquet ({type(e).__name__}); check the file") from None
+    if "text" not in pf.schema_arrow.names:
+        raise UserError(f'{path} has no "text" column; rename the document column to "text"')
+    for batch in pf.iter_batches(batch_size=1024, columns=["text"]):  # row groups, never the whole file
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str):
+                raise UserError(f'{path} has a "text" value that is {text!r}, not a string; drop those rows')
+            yield text
+
+
+def read_txt(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        yield data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
+
+
+def read_hub():
+    """Open the hub stream now (so an offline machine fails before any work), read it lazily."""
+    def hub_error(e):
+        return UserError(f"cannot stream {HUB_DATASET} from the hub ({type(e).__name__}); "
+                         "check the network or pass --source with local files")
+    try:
+        from datasets import load_dataset
+        stream = load_dataset(HUB_DATASET, split="train", streaming=True)  # fetches no documents yet
+    except Exception as e:  # network and hub errors come in many types
+        raise hub_error(e) from None
+
+    def texts():
+        try:
+            for row in stream:
+                yield row["text"]
+        except Exception as e:
+            raise hub_error(e) from None
+    return texts()
+
+
+def documents(source):
+    """Stream the source's document texts in order. Files are resolved now, so a bad path fails early."""
+    if source is None:
+        return read_hub()
+    files = source_files(source)
+    readers = {".txt": read_txt, ".parquet": read_parquet}
+    return (text for path in files for text in readers.get(os.path.splitext(path)[1], read_jsonl)(path))
+
+
+def chunked(docs):
+    chunk, size = [], 0
+    for text in docs:
+        chunk.append(text)
+        size += len(text)
+        if len(chunk) >= CHUNK_DOCS or size >= CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# ---- tokenizing (in worker processes) -------------------------------------------------------
+
+_worker = {}  # set once per process by init_worker; fork shares the n-gram index copy-on-write
+
+
+def init_worker(seed, val_fraction, index):
+    _worker.update(enc=get_tokenizer(), key=str(seed).encode(), val_below=val_fraction * 2**64, index=index)
+
+
+def goes_to_val(raw):
+    """Seeded hash of the text, read as a uniform number in [0, 2**64), below the val share."""
+    digest = hashlib.blake2b(raw, digest_size=8, key=_worker["key"]).digest()
+    return int.from_bytes(digest, "little") < _worker["val_below"]
+
+
+def tokenize_chunk(chunk):
+    """For each document: (UTF-8 bytes, goes to val, uint16 tokens + EOT, or None if contaminated)."""
+    out = []
+    for text in chunk:
+        raw = text.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates: count, don't fail
+        tokens = None
+        if _worker["index"] is None or not _worker["index"].contains_any(text):
+            tokens = np.array(_worker["enc"].encode_ordinary(text) + [EOT], dtype=np.uint16)
+        out.append((len(raw), goes_to_val(raw), tokens))
+    return out
+
+
+@contextlib.contextmanager
+def chunk_mapper(args, index):
+    """A map() over chunks that keeps their order: in-process for one process, else a Pool."""
+    initargs = (args.seed, args.val_fraction, index)
+    if args.num_proc == 1:
+        init_worker(*initargs)
+        yield map
+        return
+    # fork: workers inherit the index without pickling it (and monkeypatches, in tests)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    with ctx.Pool(args.num_proc, init_worker, initargs) as pool:  # terminates workers on exit
+        yield pool.imap
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+def write_splits(results, files, args):
+    """Append each document's tokens to its split's file in source order, applying the caps.
+    Returns the counts for meta.json."""
+    splits = {s: {"tokens": 0, "documents": 0} for s in ("train", "val")}
+    read = dropped = nbytes = ntokens = 0
+    stopped_by = None
+    start = time.time()
+    with tqdm(unit="doc", desc="tokenizing") as bar:
+        for chunk in results:
+            for size, to_val, tokens in chunk:
+                read += 1
+                if args.max_bytes is not None and nbytes + size > args.max_bytes:
+                    stopped_by = "max_bytes"
+                    break
+                nbytes += size
+                if tokens is None:
+                    dropped += 1
+                    continue
+                if args.max_tokens is not None and ntokens + tokens.size > args.max_tokens:
+                    stopped_by = "max_tokens"
+                    break
+                split = "val" if to_val else "train"
+                files[split].write(tokens.tobytes())
+                splits[split]["tokens"] += tokens.size
+                splits[split]["documents"] += 1
+                ntokens += tokens.size
+            bar.update(len(chunk))
+            bar.set_postfix_str(f"{ntokens / max(time.time() - start, 1e-9):,.0f} tok/s", refresh=False)
+            if stopped_by:
+                break
+    if read == 0:
+        raise UserError(f"--source {args.source or HUB_DATASET} holds no documents; point it at a non-empty corpus")
+    if ntokens == 0:
+        why = (f"--{stopped_by.replace('_', '-')} is smaller than the first document; raise it" if stopped_by
+               else "--decontaminate dropped every document; check the source")
+        raise UserError(f"no documents kept: {why}")
+    return {"splits": splits, "source_bytes": nbytes, "stopped_by": stopped_by, "dropped": dropped}
+
+
+def prepare(args):
+    docs = documents(args.source)  # resolves the files first: path errors come before any work
+    index = None
+    if args.decontaminate:
+        print("building the 13-gram index of the evaluation texts...")
+        index = decontaminate.load_eval_index(data_root=args.data_root)
+    out = os.path.join(args.out_dir, args.name)
+    paths = {s: os.path.join(out, f"{s}.bin") for s in ("train", "val")}
+    with atomic_path(paths["train"]) as train_tmp, atomic_path(paths["val"]) as val_tmp:
+        with open(train_tmp, "wb", buffering=1 << 20) as train_f, open(val_tmp, "wb", buffering=1 << 20) as val_f:
+            with chunk_mapper(args, index) as imap:
+                stats = write_splits(imap(tokenize_chunk, chunked(docs)), {"train": train_f, "val": val_f}, args)
+        # The .bin files replace the old ones as this block exits: remove the old meta.json first,
+        # so a folder is never left with a meta.json that describes other .bin files.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(out, "meta.json"))
+    meta = {
+        "tokenizer": "gpt2", "vocab_size": 50257, "eot": EOT, "dtype": "uint16",
+        "source": args.source or f"hub:{HUB_DATASET}",
+        "splits": stats["splits"], "source_bytes": stats["source_bytes"], "stopped_by": stats["stopped_by"],
+        "decontamination": {"enabled": args.decontaminate, "n": decontaminate.N,
+                            "eval_ngrams": len(index) if index is not None else 0,
+                            "documents_dropped": stats["dropped"]},
+        "args": vars(args),
+    }
+    write_json(os.path.join(out, "meta.json"), meta)  # last: its presence marks a finished run
+    report(meta, out)
+    return meta
+
+
+def report(meta, out):
+    for name, s in meta["splits"].items():
+        print(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents")
+    if meta["decontamination"]["enabled"]:
+        print(f"decontamination: dropped {meta['decontamination']['documents_dropped']:,} documents sharing a "
+              f"13-word span with the evaluation texts ({meta['decontamination']['eval_ngrams']:,} n-grams)")
+    if meta["splits"]["val"]["documents"] == 0:
+        print("warning: val is empty; raise --val-fraction or use more documents")
+    print(f"wrote {out}/train.bin, val.bin, meta.json")
+
+
+def main(argv=None):
+    return prepare(parse_args(argv))
+
+
+if __name__ == "__main__":
+    run_main(main)

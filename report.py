@@ -1,0 +1,332 @@
+"""Write a run's project report: out/<run>/REPORT.md with its loss curves beside it.
+
+    python report.py out/cpu                  # after pipeline.py (or the steps by hand)
+    python report.py out/cpu --samples 5
+
+Reads only what the other steps left in the run folder (pretrain/, finetune/, eval/, pipeline/);
+anything missing is reported as "not run". Sections: model card, training record, loss curves,
+scores beside trivial baselines and published anchors, sample outputs, commands and configs.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import UserError, atomic_path, run_main  # noqa: E402
+
+TASKS = ("squad", "cnn_dailymail", "sst2")
+COLUMNS = {"squad": ("exact_match", "f1"), "sst2": ("accuracy",),
+           "cnn_dailymail": ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")}
+# Published reference points. pyrouge's ROUGE-L (the papers') is summary-level: rougeLsum here.
+ANCHORS = {
+    "cnn_dailymail": [
+        ("Lead-3, full CNN+DM test (See et al. 2017, \"Get To The Point\")",
+         {"rouge1": 40.34, "rouge2": 17.70, "rougeLsum": 36.57}),
+        ("GPT-2 1.5B zero-shot \"TL;DR:\", CNN+DM test (Radford et al. 2019, Table 4)",
+         {"rouge1": 29.34, "rouge2": 8.27, "rougeLsum": 26.58})],
+    "squad": [("BERT-base, SQuAD v1.1 dev (Devlin et al. 2019)", {"exact_match": 80.8, "f1": 88.5})],
+    "sst2": [("BERT-base, GLUE SST-2 test (Devlin et al. 2019)", {"accuracy": 93.5})],
+}
+
+
+def read_json(path):
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); rerun the step that writes it") from None
+
+
+def read_metrics(path):
+    """metrics.jsonl as (train lines, eval lines); a half-written last line is skipped."""
+    if not os.path.isfile(path):
+        return [], []
+    with open(path) as f:
+        lines = [json.loads(line) for line in f if line.rstrip().endswith("}")]
+    return [r for r in lines if r.get("type") == "train"], [r for r in lines if r.get("type") == "eval"]
+
+
+def summarize_checkpoint(path):
+    """Configs, counters and parameter counts of a checkpoint; its weights are not kept."""
+    if not os.path.isfile(path):
+        return None
+    import torch
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__})") from None
+    mc = ckpt["model_config"]
+    shapes = {k: v.numel() for k, v in ckpt["model"].items()}
+    info = {k: ckpt.get(k) for k in ("model_config", "config", "iter_num", "best_val_loss", "val_loss",
+                                     "val_losses", "tasks_version", "tasks")}
+    del ckpt
+    if mc.get("tie_embeddings", True):
+        shapes.pop("lm_head.weight", None)  # the same tensor as wte.weight
+    embed = {"token table": shapes.get("wte.weight", 0), "position table": shapes.get("wpe.weight", 0),
+             "untied output head": shapes.get("lm_head.weight", 0)}
+    info["params"] = {"total": sum(shapes.values()), **embed,
+                      "non-embedding": sum(shapes.values()) - sum(embed.values())}
+    return info
+
+
+def machine():
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    name = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def wall_seconds(lines):
+    """Training time from the logs; a resumed run restarts its clock, so add up each segment."""
+    total, last = 0.0, 0.0
+    for r in sorted(lines, key=lambda r: r["iter"]):
+        if r["time"] < last:
+            total += last
+        last = r["time"]
+    return total + last
+
+
+def human(n):
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:g}"
+
+
+def table(header, rows):
+    return ("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|\n"
+            + "".join("| " + " | ".join(str(c) for c in row) + " |\n" for row in rows))
+
+
+def tokens_per_step(cfg):
+    return cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"]
+
+
+def model_card(ckpt):
+    if ckpt is None:
+        return "## Model\n\nNo checkpoint found (pretraining and finetuning not run).\n"
+    mc, p = ckpt["model_config"], ckpt["params"]
+    rows = [("layers", mc["n_layer"]), ("attention heads", mc["n_head"]),
+            ("width (n_embd)", f"{mc['n_embd']} (head size {mc['n_embd'] // mc['n_head']})"),
+            ("context length", f"{mc['block_size']} tokens"),
+            ("positions", "rotary (RoPE, base %g)" % mc["rope_base"] if mc["pos_emb"] == "rope" else "learned"),
+            ("normalization", f"{mc['norm']} (pre-norm)" + (", QK-norm" if mc.get("qk_norm") else "")),
+            ("MLP", mc["mlp"]), ("biases", "yes" if mc["bias"] else "no"),
+            ("embeddings", "tied (input = output)" if mc["tie_embeddings"] else "untied"),
+            ("dropout", mc["dropout"])]
+    rows += [(f"parameters: {k}", f"{v:,} ({human(v)})") for k, v in p.items() if v]
+    rows.append(("tokenizer", f"GPT-2 BPE (tiktoken `gpt2`), 50,257 tokens padded to {mc['vocab_size']:,}"))
+    return ("## Model\n\nA decoder-only Transformer (model.py). Non-embedding parameters exclude the token and "
+            "position tables and an untied output head (Kaplan et al. 2020).\n\n" + table(("", ""), rows))
+
+
+def training_record(name, ckpt, train, evals, finetune=False):
+    out = f"### {name}\n\n"
+    if ckpt is None and not train:
+        return out + "Not run.\n"
+    cfg = (ckpt or {}).get("config") or {}
+    steps = max([r["iter"] for r in train + evals] or [0])
+    rows = [("optimizer steps", f"{steps:,}" + (f" of {cfg['max_iters']:,} planned" if cfg else ""))]
+    if cfg:
+        per_step = tokens_per_step(cfg)
+        rows += [("tokens seen", f"{human(steps * per_step)} ({per_step:,} positions per step = batch "
+                                 f"{cfg['batch_size']} x block {cfg['block_size']} x accumulation "
+                                 f"{cfg['gradient_accumulation_steps']})"),
+                 ("optimizer", cfg["optimizer"] + (f" (lr {cfg['muon_lr']}) + AdamW" if cfg["optimizer"] == "muon"
+                                                   else "") + f", peak lr {cfg['learning_rate']}, warmup "
+                               f"{cfg['warmup_iters']} steps, cosine decay to {cfg['min_lr']}")]
+        if finetune:
+            weights = cfg["task_weights"] or f"proportional to size, capped at {cfg['mix_cap']:,} examples"
+            rows.insert(0, ("task mix", f"{cfg['tasks']}; weights: {weights}; replay {cfg['replay_fraction']:.0%} "
+                                        "pretraining text; loss on targets only"))
+    else:
+        rows.append(("config", "unknown (no checkpoint)"))
+    rows += [("wall time", f"{wall_seconds(train + evals) / 60:.1f} min (from the metrics log)"),
+             ("hardware", f"{machine()} (report machine: the logs do not record it; config device="
+                          f"{cfg.get('device', '?')})")]
+    if train:
+        rows += [("median throughput", f"{statistics.median(r['tokens_per_s'] for r in train):,.0f} tokens/s, "
+                                       f"MFU {100 * statistics.median(r['mfu'] for r in train):.1f}%"),
+                 ("final train loss", f"{train[-1]['loss']:.4f}")]
+    if evals:
+        best = min(evals, key=lambda r: r["val_loss"])
+        rows.append(("best val loss", f"{best['val_loss']:.4f} (iter {best['iter']})"))
+    out += table(("", ""), rows)
+    if finetune and evals:
+        first, last = evals[0], evals[-1]
+        tasks = [k[4:] for k in first if k.startswith("val/")]
+        best = (ckpt or {}).get("val_losses") or {}
+        out += (f"\nPer-task validation loss (target tokens only), iter {first['iter']} -> {last['iter']}"
+                + (f"; model.pt is the best mean (iter {ckpt['iter_num']})" if best else "") + ":\n\n"
+                + table(("task", "start", "end") + (("model.pt",) if best else ()),
+                        [(t, fmt(first["val/" + t], 4), fmt(last.get("val/" + t), 4))
+                         + ((fmt(best.get(t), 4),) if best else ()) for t in tasks]))
+    return out
+
+
+def plot_curves(path, title, cfg, train, evals, per_task=False):
+    """Train loss (raw, light; smoothed) and validation loss against tokens seen."""
+    scale = tokens_per_step(cfg) if cfg else 1
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        xs, ys = [r["iter"] * scale for r in train], [r["loss"] for r in train]
+        half = len(ys) // 40  # a centered moving average over ~5% of the run: no lag
+        smooth = [statistics.fmean(ys[max(0, i - half):i + half + 1]) for i in range(len(ys))]
+        ax.plot(xs, ys, color="gray", alpha=0.35, lw=0.8)
+        ax.plot(xs, smooth, color="black", label="train" + (" (smoothed)" if half else ""))
+    keys = [k for k in (evals[0] if evals else {}) if k.startswith("val/")] if per_task else ["val_loss"]
+    for k in keys:
+        pts = [(r["iter"] * scale, r[k]) for r in evals if k in r]
+        ax.plot(*zip(*pts), marker="o", ms=3, label=k.replace("val/", "val ") if per_task else "validation")
+    ax.set_xlabel(("tokens seen" + (" (positions, incl. padding)" if per_task else "")) if cfg else "iteration")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def curves(run, runs):
+    out = "## Loss curves\n\n"
+    for name, (ckpt, train, evals) in runs.items():
+        if not train and not evals:
+            out += f"{name}: not run.\n\n"
+            continue
+        file = f"{name}_loss.png"
+        plot_curves(os.path.join(run, file), f"{name.capitalize()} loss", (ckpt or {}).get("config"),
+                    train, evals, per_task=name == "finetune")
+        out += f"![{name} loss]({file})\n\n"
+    return out
+
+
+def fmt(v, digits=2):
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
+
+
+def scores(evals):
+    out = ("## Evaluation\n\nValidation splits; trivial baselines are scored by the same code (metrics.py). "
+           "Published anchors are from other models, data splits and sometimes test sets: context, not a "
+           "like-for-like comparison. Our CNN/DM validation set is CNN-only (no Daily Mail), where Lead-3 "
+           "scores lower than on the full CNN+DM test set. Papers' ROUGE-L (pyrouge) is summary-level, "
+           "i.e. the rougeLsum column.\n")
+    for task in TASKS:
+        m, cols = evals.get(task), COLUMNS[task]
+        out += f"\n### {task}\n\n"
+        if m is None:
+            out += "Not run (no eval metrics file).\n"
+            continue
+        dec = m.get("decoding") or {}
+        out += (f"{m['count']:,} {m.get('split', 'validation')} examples from {m.get('data_source', '?')}; "
+                f"decoding: {dec.get('strategy', '?')}; checkpoint {m.get('checkpoint', {}).get('sha256', '?')} "
+                f"on {m.get('device', '?')}, {m.get('wall_time_s', 0):.0f} s.\n\n")
+        rows = [("**this model**", m["scores"])]
+        if m.get("baseline"):
+            rows.append((f"baseline: {m['baseline']['name']}", m["baseline"]["scores"]))
+        rows += ANCHORS[task]
+        out += table(("system", *cols), [(name, *(fmt(s.get(c)) for c in cols)) for name, s in rows])
+    for task, m in evals.items():
+        if task.startswith("owt"):
+            s = m["scores"]
+            out += (f"\n### web text ({task})\n\nloss {s['loss']:.4f}, perplexity {s['perplexity']:.1f} over "
+                    f"{s['tokens']:,} held-out tokens ({m.get('data_source', '?')}).\n")
+    return out
+
+
+def clip(text, n=300):
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def samples(eval_dir, n):
+    out = "## Sample outputs\n\nThe first examples of each prediction file, unpicked.\n"
+    if not os.path.isdir(eval_dir):
+        return out + "\nNot run.\n"
+    for task in TASKS:
+        path = os.path.join(eval_dir, f"{task}_validation_predictions.jsonl")
+        out += f"\n### {task}\n\n"
+        if not os.path.isfile(path):
+            out += "Not run.\n"
+            continue
+        with open(path) as f:
+            preds = [json.loads(line) for _, line in zip(range(n), f)]
+        for p in preds:
+            source = f"prompt: {clip(p['prompt'])}" if p.get("prompt") else f"id `{p['id']}`"
+            out += (f"- {source}\n  - reference: {clip((p.get('references') or ['-'])[0])}\n"
+                    f"  - prediction: {clip(p['prediction']) or '(empty)'}\n")
+    return out
+
+
+def commands(timings, configs):
+    out = "## Commands and configs\n\n"
+    if timings:
+        out += f"`python pipeline.py --preset {timings.get('preset')}` ran these steps:\n\n"
+        for name, s in timings["steps"].items():
+            state = "skipped, up to date" if s.get("skipped") else f"{s['seconds'] / 60:.1f} min"
+            out += f"- **{name}** ({state}): `{shlex.join(s['command'])}`\n"
+    else:
+        out += "Run by hand (no pipeline/timings.json); the configs below are those saved in the checkpoints.\n"
+    for name, cfg in configs.items():
+        if not cfg:
+            continue
+        script = "train.py" if name == "pretrain" else "finetune.py"
+        lines, line = [], f"python {script}"
+        for arg in (shlex.quote(f"--{k}={v}") for k, v in cfg.items()):
+            if len(line) + len(arg) > 96:
+                lines.append(line + " \\")
+                line = "   "
+            line += " " + arg
+        out += (f"\n{name} config (every field saved in its checkpoint, as an equivalent command line):\n\n"
+                "```bash\n" + "\n".join(lines + [line]) + "\n```\n")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", help="a run folder, e.g. out/cpu")
+    p.add_argument("--samples", type=int, default=3, help="sample outputs per task")
+    args = p.parse_args(argv)
+    run = args.run
+    if not os.path.isdir(run):
+        raise UserError(f"run folder {run} not found; give the out/<run> folder that pipeline.py wrote")
+    if not any(os.path.isdir(os.path.join(run, d)) for d in ("pretrain", "finetune", "eval")):
+        raise UserError(f"{run} has no pretrain/, finetune/ or eval/ folder: not a run folder")
+    pre = summarize_checkpoint(os.path.join(run, "pretrain", "ckpt.pt"))
+    ft = summarize_checkpoint(os.path.join(run, "finetune", "model.pt"))
+    runs = {"pretrain": (pre, *read_metrics(os.path.join(run, "pretrain", "metrics.jsonl"))),
+            "finetune": (ft, *read_metrics(os.path.join(run, "finetune", "metrics.jsonl")))}
+    eval_dir = os.path.join(run, "eval")
+    names = sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []
+    evals = {f.removesuffix("_metrics.json").removesuffix("_validation"): read_json(os.path.join(eval_dir, f))
+             for f in names if f.endswith("_metrics.json")}
+    timings = read_json(os.path.join(run, "pipeline", "timings.json"))
+    parts = [f"# Report: {os.path.basename(os.path.abspath(run))}\n\nA GPT pretrained on web text, then finetuned "
+             "on CNN/DailyMail summarization, SQuAD v1.1 question answering and SST-2 sentiment.\n",
+             model_card(ft or pre), "## Training\n", training_record("Pretraining", *runs["pretrain"]),
+             training_record("Finetuning", *runs["finetune"], finetune=True), curves(run, runs),
+             scores(evals) if evals else "## Evaluation\n\nNot run (no eval/ metrics).\n",
+             samples(eval_dir, args.samples),
+             commands(timings, {"pretrain": (pre or {}).get("config"), "finetune": (ft or {}).get("config")})]
+    path = os.path.join(run, "REPORT.md")
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(parts))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,146 @@
+"""report.py on a small fake run folder: numbers, anchors, commands and curves reach REPORT.md;
+a partial run still gets a report; a wrong folder is a one-line error."""
+import dataclasses
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import evaluate
+import metrics
+import report
+from common import UserError
+from config import FinetuneConfig, TrainConfig
+from conftest import ROOT
+from model import GPT, GPTConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ARCH = dict(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32, pos_emb="rope", norm="rmsnorm",
+            mlp="swiglu", tie_embeddings=True)
+
+
+def write_metrics(path, iters, tasks=None):
+    with open(path, "w") as f:
+        for it in iters:
+            if it % 10 == 0:
+                losses = {t: 3.0 - it / 100 + k for k, t in enumerate(tasks or ["val"])}
+                mean = sum(losses.values()) / len(losses)
+                f.write(json.dumps({"type": "eval", "iter": it, "time": 1.0 + it, "val_loss": mean,
+                                    **{f"val/{t}": v for t, v in losses.items()}}) + "\n")
+            if it:
+                f.write(json.dumps({"type": "train", "iter": it, "time": 1.5 + it, "loss": 4.0 - it / 50, "lr": 1e-3,
+                                    "ms_per_iter": 250.0, "tokens_per_s": 1234.0 + it, "mfu": 0.01}) + "\n")
+        f.write('{"type": "train", "iter": 9')  # a half-written line of a run still going
+
+
+def save_checkpoint(path, cfg, **extra):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**ARCH))
+    torch.save({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+                "config": dataclasses.asdict(cfg), **extra}, path)
+    return model
+
+
+def eval_result(task, scores, base):
+    """A metrics JSON shaped exactly as evaluate.main writes it."""
+    return {"task": task, "split": "validation", "count": 2, "scores": scores, "baseline": base,
+            "decoding": evaluate.decoding_settings(task, evaluate.EvalSettings()), "wall_time_s": 1.5,
+            "examples_per_s": 1.3, "generated_tokens": None, "generated_tokens_per_s": None,
+            "checkpoint": {"path": "/x/model.pt", "sha256": "0123456789abcdef"}, "tasks_version": 1,
+            "checkpoint_tasks_version": 1, "device": "cpu", "dtype": "float32", "data_source": f"../shared/{task}"}
+
+
+@pytest.fixture()
+def run(tmp_path):
+    run = tmp_path / "out" / "fake"
+    for sub in ("pretrain", "finetune", "eval", "pipeline"):
+        (run / sub).mkdir(parents=True)
+    pre_cfg = TrainConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=4, max_iters=40)
+    model = save_checkpoint(run / "pretrain" / "ckpt.pt", pre_cfg, iter_num=40, best_val_loss=2.6)
+    write_metrics(run / "pretrain" / "metrics.jsonl", range(0, 41))
+    tasks = ["cnn_dailymail", "squad", "sst2"]
+    ft_cfg = FinetuneConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=2, max_iters=20,
+                            task_weights="cnn_dailymail:2,squad:2,sst2:1")
+    save_checkpoint(run / "finetune" / "model.pt", ft_cfg, iter_num=20, tasks_version=1, tasks=tasks,
+                    val_loss=2.8, val_losses={"cnn_dailymail": 2.8, "squad": 3.8, "sst2": 4.8})
+    write_metrics(run / "finetune" / "metrics.jsonl", range(0, 21), tasks)
+
+    squad = metrics.squad_scores(["Denver Broncos", "in 1990"], [["Denver Broncos"], ["1989", "in 1989"]])
+    cnn_refs = ["A man was hurt.\nPolice came.", "Rain fell all day."]
+    cnn = metrics.summarization_scores(["A man was hurt today.", "It rained."], cnn_refs)
+    squad_base = metrics.squad_scores(["x", "y"], [["Denver Broncos"], ["1989"]])
+    sst2 = metrics.accuracy(["positive", "positive"], ["positive", "negative"])
+    files = {
+        "squad": (eval_result("squad", squad, {"name": "question-overlap sentence", "scores": squad_base}),
+                  [{"id": "q1", "prediction": "Denver Broncos", "references": ["Denver Broncos"]}]),
+        "cnn_dailymail": (eval_result("cnn_dailymail", cnn, {"name": "lead-3", "scores": cnn}),
+                          [{"id": "c1", "prompt": "Article: " + "word " * 200, "prediction": "A man was hurt today.",
+                            "references": [cnn_refs[0]]}]),
+        "sst2": (eval_result("sst2", sst2, {"name": "majority class (positive, from train split)",
+                                            "scores": {"accuracy": 50.0, "count": 2}}),
+                 [{"id": "7", "prediction": "positive", "references": ["positive"],
+                   "label_logprobs": {"negative": -2.0, "positive": -0.5}}]),
+    }
+    for task, (result, preds) in files.items():
+        (run / "eval" / f"{task}_validation_metrics.json").write_text(json.dumps(result))
+        lines = "".join(json.dumps(p) + "\n" for p in preds)
+        (run / "eval" / f"{task}_validation_predictions.jsonl").write_text(lines)
+    owt = {"task": "owt", "split": "val", "count": 3, "baseline": None, "wall_time_s": 0.1, "tokens_per_s": 1920.0,
+           "scores": {"loss": 3.25, "perplexity": 25.79, "windows": 3, "tokens": 192},
+           "data_source": "data/owt/val.bin"}
+    (run / "eval" / "owt_val_metrics.json").write_text(json.dumps(owt))
+    names = ["prepare_owt", "pretrain", "prepare_finetune", "finetune", "evaluate"]
+    steps = {name: {"seconds": 61.0 * (i + 1), "skipped": i == 0, "command": [sys.executable, f"{name}.py", "--x=1"]}
+             for i, name in enumerate(names)}
+    timings = {"preset": "smoke", "config": {}, "data_root": None, "steps": steps}
+    (run / "pipeline" / "timings.json").write_text(json.dumps(timings))
+    return SimpleNamespace(dir=run, squad_f1=squad["f1"], params=sum(p.numel() for p in model.parameters()))
+
+
+def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
+    report.main([str(run.dir)])
+    text = (run.dir / "REPORT.md").read_text()
+    assert f"{run.squad_f1:.2f}" in text and "50.00" in text  # this model's F1, SST-2 accuracy
+    assert f"{run.params:,}" in text and "rmsnorm" in text and "swiglu" in text and "tied" in text
+    assert "1,234 tokens/s" not in text and "1,254 tokens/s" in text  # the median of 1234 + it, it = 1..40
+    assert "40.34" in text and "See et al. 2017" in text and "29.34" in text and "88.5" in text and "93.5" in text
+    assert "CNN-only" in text and "question-overlap sentence" in text and "perplexity 25.8" in text
+    assert "finetune.py --x=1" in text and "skipped" in text and "--preset smoke" in text
+    assert "cnn_dailymail:2,squad:2,sst2:1" in text and "| squad | 3.0000 | 3.8000 |" not in text
+    assert "| squad | 4.0000 | 3.8000 | 3.8000 |" in text  # per-task start, end and model.pt losses
+    assert "| system | exact_match | f1 |\n|---|---|---|\n| **this model** | 50.00 |" in text
+    assert "python finetune.py" in text and "--task_weights=cnn_dailymail:2,squad:2,sst2:1" in text
+    assert "Article: word word" in text and "..." in text and "id `q1`" in text
+    for name in ("pretrain_loss.png", "finetune_loss.png"):
+        assert (run.dir / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in text
+
+
+def test_partial_run_without_evaluation_or_timings_still_gets_a_report(run):
+    run = run.dir
+    for f in list((run / "eval").iterdir()):
+        f.unlink()
+    (run / "eval").rmdir()
+    (run / "pipeline" / "timings.json").unlink()
+    (run / "finetune" / "model.pt").unlink()
+    report.main([str(run), "--samples", "1"])
+    text = (run / "REPORT.md").read_text()
+    assert "## Evaluation\n\nNot run" in text and "Run by hand" in text
+    assert "GPT-2 BPE" in text  # the model card falls back to the pretrained checkpoint
+
+
+def test_wall_time_adds_up_the_segments_of_a_resumed_run():
+    lines = [{"iter": 0, "time": 1.0}, {"iter": 10, "time": 11.0}, {"iter": 20, "time": 2.0}, {"iter": 30, "time": 12.0}]
+    assert report.wall_seconds(lines) == 23.0
+
+
+def test_missing_run_folder_is_a_one_line_error(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        report.main([str(tmp_path / "nope")])
+    result = subprocess.run([sys.executable, str(ROOT / "report.py"), str(tmp_path / "nope")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
