@@ -1,0 +1,334 @@
+"""Score a checkpoint on the finetuning tasks, beside a trivial baseline, and on web-text loss.
+
+    python evaluate.py --task squad --ckpt out/finetune/model.pt --data-root ../shared/data
+    python evaluate.py --task all --ckpt out/finetune/model.pt --limit 200 --constrained
+    python evaluate.py --task cnn_dailymail --ckpt model.pt --num-beams 4 --no-repeat-ngram-size 3
+    python evaluate.py --task owt --ckpt out/pretrain/ckpt.pt --owt-bin data/owt/val.bin --limit 100
+
+Prompts come only from tasks.prompt_ids, byte for byte the prompts of finetuning. Examples are
+sorted by prompt length and decoded in batches (greedy by default; SQuAD also stops at a
+newline). SST-2 compares the likelihoods of the two label words: nothing is parsed.
+Baselines: Lead-3 (CNN/DM), the sentence sharing most words with the question (SQuAD), the
+majority training label (SST-2); all scored by the same metrics.py code as the model.
+owt: mean next-token loss and perplexity over non-overlapping block_size windows.
+
+Writes to --out (default <checkpoint folder>/eval): <task>_<split>_predictions.jsonl and
+<task>_<split>_metrics.json (scores, baseline, decoding settings, checkpoint sha256, data
+source, tasks_version, speed). evaluate_task() is the same core for use from Python.
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import metrics
+import tasks
+from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
+from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
+from model import GPT, GPTConfig
+from trainer import load_checkpoint, load_weights, setup_runtime
+
+ALL_TASKS = ("squad", "cnn_dailymail", "sst2")
+NEWLINES = (198, 628)  # "\n" and "\n\n": a SQuAD answer is one line
+STOP_TOKENS = {"squad": (EOT, *NEWLINES), "cnn_dailymail": (EOT,), "sst2": (EOT,)}
+
+
+@dataclass
+class EvalSettings:
+    split: str = "validation"
+    batch_size: int = 16
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    constrained: bool = False        # SQuAD only: answers are spans of the passage
+    max_new_tokens: Optional[int] = None  # None: the task's own
+    data_root: Optional[str] = None  # for SST-2's training labels (majority baseline)
+    progress: bool = True
+
+
+def _in_length_order(prompts, batch_size, desc, progress):
+    """Yield batches of indices, longest prompts first (little padding, worst memory up front)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    with tqdm(total=len(order), desc=desc, unit="ex", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(order), batch_size):
+            yield order[start:start + batch_size]
+            bar.update(len(order[start:start + batch_size]))
+
+
+def decoding_settings(task_name, s):
+    if task_name == "sst2":
+        return {"strategy": "label_likelihood", "labels": list(tasks.LABEL_WORDS["sst2"])}
+    strategy = ("constrained_span" if s.constrained and task_name == "squad" else
+                "beam" if s.num_beams > 1 or s.no_repeat_ngram_size else "greedy")
+    out = {"strategy": strategy, "max_new_tokens": s.max_new_tokens or tasks.get_task(task_name).max_new_tokens,
+           "stop_tokens": list(STOP_TOKENS[task_name] if strategy != "constrained_span" else (EOT,))}
+    if strategy == "beam":
+        out.update(num_beams=s.num_beams, length_penalty=s.length_penalty,
+                   no_repeat_ngram_size=s.no_repeat_ngram_size, ngram_blocking="generated tokens only")
+    return out
+
+
+def _generate(model, batch, task_name, decoding, contexts):
+    room = model.config.block_size - max(len(p) for p in batch)  # prompt_ids reserved the target cap
+    n = min(decoding["max_new_tokens"], room)
+    if decoding["strategy"] == "constrained_span":
+        return constrained_span_decode(model, batch, contexts, n)
+    if decoding["strategy"] == "beam":
+        return [beam_search(model, p, decoding["num_beams"], n, decoding["length_penalty"],
+                            decoding["no_repeat_ngram_size"], STOP_TOKENS[task_name]) for p in batch]
+    return model.generate(batch, n, stop_tokens=STOP_TOKENS[task_name])
+
+
+def baseline(task_name, rows, settings):
+    """{"name", "scores"} of the task's trivial baseline, scored by the same metrics code."""
+    if task_name == "cnn_dailymail":
+        preds = [metrics.lead3(r["article"]) for r in rows]
+        refs = [tasks.references(task_name, r)[0] for r in rows]
+        return {"name": "lead-3", "scores": metrics.summarization_scores(preds, refs)}
+    if task_name == "squad":
+        preds = [metrics.question_overlap_sentence(r["context"], r["question"]) for r in rows]
+        return {"name": "question-overlap sentence",
+                "scores": metrics.squad_scores(preds, [tasks.references("squad", r) for r in rows])}
+    labels = [tasks.label_index(r) for r in rows]
+    try:
+        train = tasks.load_rows("sst2", "train", settings.data_root)
+        majority, source = metrics.majority_label([tasks.label_index(r) for r in train]), "train split"
+    except UserError as e:
+        print(f"warning: SST-2 train labels unavailable ({e}); majority baseline uses the "
+              f"{settings.split} labels instead", file=sys.stderr)
+        majority, source = metrics.majority_label(labels), f"{settings.split} split (train unavailable)"
+    return {"name": f"majority class ({tasks.LABEL_WORDS['sst2'][majority].strip()}, from {source})",
+            "scores": metrics.accuracy([majority] * len(rows), labels)}
+
+
+@torch.no_grad()
+def evaluate_task(model, enc, task_name, rows, settings, autocast=nullcontext):
+    """Score `model` on `rows` of a task (autocast: a context factory, e.g. Runtime.autocast).
+    Returns (metrics dict, list of prediction dicts)."""
+    started = time.perf_counter()
+    model.eval()
+    prompts = [tasks.prompt_ids(task_name, row, enc, model.config.block_size)[0] for row in rows]
+    decoding = decoding_settings(task_name, settings)
+    labels = [enc.encode_ordinary(w) for w in tasks.LABEL_WORDS["sst2"]]
+    outputs, generated = [None] * len(rows), 0
+    for chunk in _in_length_order(prompts, settings.batch_size, task_name, settings.progress):
+        batch = [prompts[i] for i in chunk]
+        with autocast():
+            if task_name == "sst2":
+                results = label_logprobs(model, batch, labels).tolist()
+            else:
+                contexts = [_context_ids(enc, rows[i], model.config.block_size) for i in chunk] \
+                    if decoding["strategy"] == "constrained_span" else None
+                results = _generate(model, batch, task_name, decoding, contexts)
+                generated += sum(len(r) for r in results)
+        for i, result in zip(chunk, results):
+            outputs[i] = result
+    elapsed = time.perf_counter() - started
+    predictions = []
+    for row, out in zip(rows, outputs):
+        pred = {"id": tasks.example_id(task_name, row)}
+        if task_name == "sst2":
+            pred["prediction"] = tasks.LABEL_WORDS["sst2"][int(np.argmax(out))].strip()
+            pred["label_logprobs"] = {w.strip(): lp for w, lp in zip(tasks.LABEL_WORDS["sst2"], out)}
+        else:
+            pred["prediction"] = decode_text(enc, out)
+        pred["references"] = tasks.references(task_name, row)
+        predictions.append(pred)
+    preds = [p["prediction"] for p in predictions]
+    if task_name == "squad":
+        scores = metrics.squad_scores(preds, [p["references"] for p in predictions])
+    elif task_name == "cnn_dailymail":
+        scores = metrics.summarization_scores(preds, [p["references"][0] for p in predictions])
+    else:
+        scores = metrics.accuracy(preds, [p["references"][0] for p in predictions])
+    result = {"task": task_name, "split": settings.split, "count": len(rows), "scores": scores,
+              "baseline": baseline(task_name, rows, settings), "decoding": decoding,
+              "wall_time_s": round(elapsed, 3), "examples_per_s": round(len(rows) / elapsed, 3),
+              "generated_tokens": generated if task_name != "sst2" else None,
+              "generated_tokens_per_s": round(generated / elapsed, 2) if task_name != "sst2" else None}
+    return result, predictions
+
+
+def _context_ids(enc, row, block_size):
+    """The passage's ids exactly as in the prompt (leading space, same cut)."""
+    ids = enc.encode_ordinary(" " + tasks.source_texts("squad", row)[0])
+    cut = tasks.prompt_ids("squad", row, enc, block_size)[1]
+    return ids[:len(ids) - cut]
+
+
+@torch.no_grad()
+def evaluate_owt(model, tokens, limit=None, autocast=nullcontext):
+    """Mean loss / perplexity over consecutive non-overlapping block_size windows of a token array."""
+    started, T = time.perf_counter(), model.config.block_size
+    windows = (len(tokens) - 1) // T
+    windows = min(windows, limit) if limit else windows
+    if windows == 0:
+        raise UserError(f"{len(tokens)} tokens are fewer than block_size + 1 = {T + 1}; give more text")
+    model.eval()
+    device, per_batch, total = model.wte.weight.device, max(1, 4096 // T), 0.0
+    for start in tqdm(range(0, windows, per_batch), desc="owt", unit="batch", file=sys.stderr):
+        n = min(per_batch, windows - start)
+        rows = np.stack([np.asarray(tokens[w * T:(w + 1) * T + 1], dtype=np.int64) for w in range(start, start + n)])
+        rows = torch.from_numpy(rows).to(device)
+        with autocast():
+            _, loss = model(rows[:, :-1], targets=rows[:, 1:])
+        total += loss.float().item() * n
+    loss = total / windows
+    elapsed = time.perf_counter() - started
+    return {"task": "owt", "count": windows, "scores": {"loss": loss, "perplexity": float(np.exp(loss)),
+            "windows": windows, "tokens": windows * T}, "baseline": None,
+            "wall_time_s": round(elapsed, 3), "tokens_per_s": round(windows * T / elapsed, 1)}
+
+
+def owt_tokens(args, enc, block_size):
+    """Tokens of --owt-bin, or of the --owt-text documents (EOT after each; only as many as needed)."""
+    if args.owt_bin:
+        from data import open_tokens
+        return open_tokens(args.owt_bin), args.owt_bin, os.path.splitext(os.path.basename(args.owt_bin))[0]
+    from prepare_owt import documents
+    need, ids = args.limit * block_size + 1 if args.limit else None, []
+    for text in documents(args.owt_text):
+        ids.extend(enc.encode_ordinary(text) + [EOT])
+        if need and len(ids) >= need:
+            break
+    return np.asarray(ids, dtype=np.int64), args.owt_text, "text"
+
+
+def load_model(ckpt, path, rt):
+    """The GPT of a loaded checkpoint dict, on rt.device; warns when it was not finetuned on these tasks."""
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has a model_config this code cannot build ({e})") from None
+    model = GPT(config)
+    load_weights(model, ckpt["model"], path)
+    version = ckpt.get("tasks_version")
+    if version is None:
+        print(f"warning: {path} was not finetuned on the tasks; scores will be near zero", file=sys.stderr)
+    elif version != tasks.TASKS_VERSION:
+        print(f"warning: {path} was finetuned with tasks version {version} but this code builds version "
+              f"{tasks.TASKS_VERSION} prompts; scores may drop (re-finetune or check out the matching code)",
+              file=sys.stderr)
+    return model.to(rt.device).eval(), version
+
+
+def sha256_16(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def print_table(result):
+    base = result["baseline"]
+    print(f"\n{result['task']} {result['split']}: {result['count']} examples in {result['wall_time_s']:.1f} s"
+          + (f"; baseline: {base['name']}" if base else ""))
+    print(f"  {'metric':<14}{'model':>10}{'baseline':>10}")
+    for key, value in result["scores"].items():
+        if isinstance(value, float):
+            other = base["scores"].get(key) if base else None
+            print(f"  {key:<14}{value:>10.2f}" + (f"{other:>10.2f}" if other is not None else f"{'-':>10}"))
+    if "bleu_signature" in result["scores"]:
+        print(f"  BLEU signature: {result['scores']['bleu_signature']}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", required=True, help=f"{' | '.join(ALL_TASKS)} | owt | all")
+    p.add_argument("--ckpt", required=True, help="a training ckpt.pt or a finetuned model.pt")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--limit", type=int, help="first N examples (owt: N windows)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
+    p.add_argument("--data-root", help="local task data, e.g. ../shared/data (default: the hub)")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--constrained", action="store_true", help="SQuAD: only spans of the passage")
+    p.add_argument("--max-new-tokens", type=int, help="default: each task's own")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--owt-bin", help="a prepared .bin of uint16 tokens (e.g. data/owt/val.bin)")
+    src.add_argument("--owt-text", help="raw text: a file, folder or glob of .txt/.jsonl[.gz]/.parquet")
+    args = p.parse_args(argv)
+    valid = (*ALL_TASKS, "owt", "all")
+    if args.task not in valid:
+        raise UserError(f"unknown task {args.task!r}; valid tasks: {', '.join(valid)}")
+    for name in ("limit", "batch_size", "num_beams", "max_new_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.no_repeat_ngram_size < 0:
+        raise UserError("--no-repeat-ngram-size must be 0 (off) or more")
+    if args.constrained and args.num_beams > 1:
+        raise UserError("--constrained decoding is greedy; drop --num-beams")
+    if args.task == "owt" and not (args.owt_bin or args.owt_text):
+        raise UserError("--task owt needs --owt-bin PATH or --owt-text GLOB")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    names = [args.task]
+    if args.task == "all":
+        names = list(ALL_TASKS) + (["owt"] if args.owt_bin or args.owt_text else [])
+    ckpt = load_checkpoint(args.ckpt)
+    data = {}  # every task's rows before the model: a data problem fails fast
+    for name in (n for n in names if n != "owt"):
+        task = tasks.get_task(name)
+        if args.split not in task.splits:
+            raise UserError(f"{name} has no split {args.split!r}; choose one of {', '.join(task.splits)}")
+        if args.split in task.unlabelled_splits:
+            raise UserError(f"{name} split {args.split!r} is unlabelled and cannot be scored; "
+                            f"use {', '.join(tasks.EVAL_SPLITS[name])}")
+        if args.split not in tasks.EVAL_SPLITS[name]:
+            print(f"warning: {name} split {args.split!r} is not an evaluation split "
+                  f"({', '.join(tasks.EVAL_SPLITS[name])})", file=sys.stderr)
+        source = (tasks.local_file(name, args.split, args.data_root) if args.data_root else
+                  f"hub:{task.hub_path}" + (f"/{task.hub_config}" if task.hub_config else "") + f" split {args.split}")
+        data[name] = tasks.load_rows(name, args.split, args.data_root, args.limit), source
+    rt = setup_runtime(SimpleNamespace(device=args.device, dtype=args.dtype, num_threads=0, backend="auto",
+                                       gradient_accumulation_steps=1))
+    model, version = load_model(ckpt, args.ckpt, rt)
+    del ckpt
+    enc = get_tokenizer()
+    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
+    settings = EvalSettings(split=args.split, batch_size=args.batch_size, num_beams=args.num_beams,
+                            length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+                            constrained=args.constrained, max_new_tokens=args.max_new_tokens, data_root=args.data_root)
+    common = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": sha256_16(args.ckpt)},
+              "tasks_version": tasks.TASKS_VERSION, "checkpoint_tasks_version": version,
+              "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")}
+    for name in names:
+        if name == "owt":
+            tokens, source, split = owt_tokens(args, enc, model.config.block_size)
+            result, predictions = evaluate_owt(model, tokens, args.limit, rt.autocast), None
+            result["split"] = split
+        else:
+            rows, source = data[name]
+            result, predictions = evaluate_task(model, enc, name, rows, settings, rt.autocast)
+            split = args.split
+        result.update(common, data_source=source)
+        stem = os.path.join(out_dir, f"{name}_{split}")
+        if predictions is not None:
+            with atomic_path(stem + "_predictions.jsonl") as tmp, open(tmp, "w") as f:
+                for pred in predictions:
+                    f.write(json.dumps(pred) + "\n")
+        write_json(stem + "_metrics.json", result)
+        print_table(result)
+    print(f"\nwrote {out_dir}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,168 @@
+"""Decoding (beam search, span-constrained, label scoring) and evaluate.py end to end."""
+import dataclasses
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import evaluate
+import tasks
+from common import get_tokenizer
+from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
+from model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(vocab_size=512, block_size=64, seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=32, **kw)).eval()
+
+
+def sequence_logprob(model, prompt, new):
+    logits, _ = model(torch.tensor([prompt + new]), all_logits=True)
+    logp = F.log_softmax(logits[0].float(), -1)
+    return sum(logp[len(prompt) - 1 + j, t].item() for j, t in enumerate(new))
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15], [1]]
+
+
+def test_one_beam_is_greedy_decoding():
+    model = tiny()
+    for prompt in PROMPTS:
+        greedy = model.generate([prompt], 20, stop_tokens=())[0]
+        assert beam_search(model, prompt, 1, 20, stop_tokens=()) == greedy
+        stop = greedy[7]  # a token greedy decoding really emits: both must stop there
+        expected = model.generate([prompt], 20, stop_tokens=(stop,))[0]
+        assert len(expected) < 20
+        assert beam_search(model, prompt, 1, 20, stop_tokens=(stop,)) == expected
+
+
+def test_more_beams_never_score_below_greedy():
+    model = tiny()
+    for prompt, beams in itertools.product(PROMPTS, (2, 4)):
+        greedy = model.generate([prompt], 12, stop_tokens=())[0]
+        best = beam_search(model, prompt, beams, 12, length_penalty=0.0, stop_tokens=())
+        assert len(best) == 12
+        assert sequence_logprob(model, prompt, best) >= sequence_logprob(model, prompt, greedy) - 1e-4
+
+
+def test_wide_enough_beam_finds_the_exact_best_sequence():
+    model = tiny(vocab_size=6)
+    prompt = [1, 2, 3]
+    scores = {seq: sequence_logprob(model, prompt, list(seq)) for seq in itertools.product(range(6), repeat=3)}
+    best = beam_search(model, prompt, 36, 3, length_penalty=0.0, stop_tokens=())
+    assert tuple(best) == max(scores, key=scores.get)
+
+
+def test_no_repeat_ngram_blocks_repeated_bigrams():
+    model = tiny(vocab_size=16)
+    free = model.generate([[1, 2, 3]], 20, stop_tokens=())[0]
+    bigrams = list(zip(free, free[1:]))
+    assert len(set(bigrams)) < len(bigrams)  # a small vocabulary loops without blocking
+    for beams in (1, 3):
+        out = beam_search(model, [1, 2, 3], beams, 20, no_repeat_ngram_size=2, stop_tokens=())
+        bigrams = list(zip(out, out[1:]))
+        assert len(out) == 20 and len(set(bigrams)) == len(bigrams)
+
+
+CONTEXTS = ["The Denver Broncos defeated the Carolina Panthers 24–10 at Levi's Stadium.",
+            "Zürich's café scene grew in the 1990s; naïve critics called it \"überfüllt\".",
+            "Beyoncé Giselle Knowles-Carter (born September 4, 1981) is an American singer.",
+            "日本語のテキストと English mixed, with emoji 🎉 and numbers 3.14159."]
+
+
+def test_constrained_decoding_returns_only_spans_of_the_context():
+    enc = get_tokenizer()
+    for seed in range(3):
+        model = tiny(vocab_size=50304, seed=seed, block_size=128)
+        contexts = [enc.encode_ordinary(" " + c) for c in CONTEXTS]
+        prompts = [enc.encode_ordinary(f"Passage:{c}\n\nAnswer:")[-40:] for c in CONTEXTS]
+        outs = constrained_span_decode(model, prompts, contexts, 12)
+        for out, ctx, text in zip(outs, contexts, CONTEXTS):
+            assert 1 <= len(out) <= 12
+            assert any(ctx[s:s + len(out)] == out for s in range(len(ctx)))
+            assert decode_text(enc, out) in text
+
+
+def test_label_logprobs_match_a_full_forward_and_pick_the_argmax(shared_data):
+    model = tiny()
+    labels = [[5], [7, 8, 9], [10, 11]]
+    lp = label_logprobs(model, PROMPTS, labels)
+    for i, j in itertools.product(range(len(PROMPTS)), range(len(labels))):
+        assert lp[i, j].item() == pytest.approx(sequence_logprob(model, PROMPTS[i], labels[j]), abs=1e-4)
+    # evaluate_task's SST-2 prediction is the more likely label word
+    model = tiny(vocab_size=50304, block_size=128)
+    rows = tasks.load_rows("sst2", "validation", str(shared_data), limit=6)
+    settings = evaluate.EvalSettings(batch_size=4, data_root=str(shared_data), progress=False)
+    result, preds = evaluate.evaluate_task(model, get_tokenizer(), "sst2", rows, settings)
+    for p in preds:
+        assert p["prediction"] == max(p["label_logprobs"], key=p["label_logprobs"].get)
+    correct = sum(p["prediction"] == p["references"][0] for p in preds)
+    assert result["scores"]["accuracy"] == pytest.approx(100 * correct / 6)
+
+
+def run_eval(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+def save_checkpoint(path, **extra):
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=512, n_layer=1, n_head=2, n_embd=32)
+    torch.save({"model": GPT(config).state_dict(), "model_config": dataclasses.asdict(config), **extra}, path)
+    return path
+
+
+def error_line(proc):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_evaluate_end_to_end(tmp_path, shared_data):
+    ckpt = save_checkpoint(tmp_path / "model.pt", tasks_version=tasks.TASKS_VERSION)
+    proc = run_eval("--task", "all", "--ckpt", ckpt, "--data-root", shared_data, "--limit", 3,
+                    "--out", tmp_path / "eval", "--owt-text", shared_data / "webtext" / "train-00000.jsonl.gz")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr
+    for name in ("squad", "cnn_dailymail", "sst2"):
+        preds = [json.loads(line) for line in open(tmp_path / "eval" / f"{name}_validation_predictions.jsonl")]
+        assert len(preds) == 3 and all({"id", "prediction", "references"} <= set(p) for p in preds)
+        assert len({p["id"] for p in preds}) == 3
+        result = json.load(open(tmp_path / "eval" / f"{name}_validation_metrics.json"))
+        assert result["count"] == 3 and result["tasks_version"] == tasks.TASKS_VERSION
+        assert len(result["checkpoint"]["sha256"]) == 16 and result["decoding"]["strategy"]
+        assert set(result["baseline"]["scores"]) == set(result["scores"])
+        assert result["data_source"].startswith(str(shared_data))
+    squad = json.load(open(tmp_path / "eval/squad_validation_metrics.json"))
+    assert {"exact_match", "f1", "rougeL"} <= set(squad["scores"])
+    cnn = json.load(open(tmp_path / "eval/cnn_dailymail_validation_metrics.json"))
+    assert {"bleu", "bleu_signature", "rouge2", "rougeLsum"} <= set(cnn["scores"])
+    assert cnn["baseline"]["name"] == "lead-3"
+    assert "label_logprobs" in json.loads(open(tmp_path / "eval/sst2_validation_predictions.jsonl").readline())
+    owt = json.load(open(tmp_path / "eval/owt_text_metrics.json"))
+    assert owt["scores"]["windows"] == 3 and 9 < owt["scores"]["loss"] < 12  # ~ln(50257) untrained
+    assert "exact_match" in proc.stdout and "baseline" in proc.stdout
+
+
+def test_evaluate_bad_input(tmp_path, shared_data):
+    assert "not found" in error_line(run_eval("--task", "squad", "--ckpt", tmp_path / "nope.pt"))
+    line = error_line(run_eval("--task", "mnli", "--ckpt", tmp_path / "nope.pt"))
+    assert "squad" in line and "sst2" in line
+    plain = save_checkpoint(tmp_path / "ckpt.pt")  # pretrained only: warns, still scores
+    proc = run_eval("--task", "sst2", "--ckpt", plain, "--data-root", shared_data, "--limit", 2, "--out", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning:" in proc.stderr and "not finetuned on the tasks" in proc.stderr
+    (tmp_path / "empty" / "squad").mkdir(parents=True)
+    (tmp_path / "empty" / "squad" / "validation.jsonl").write_text("")
+    line = error_line(run_eval("--task", "squad", "--ckpt", plain, "--data-root", tmp_path / "empty"))
+    assert "no rows" in line
