@@ -135,8 +135,9 @@ def parse_config(cls, argv):
     try:
         config = cls(**values)
         config.explicit = frozenset(values)  # what the user set, as opposed to defaults
-        from model import GPTConfig
-        GPTConfig(**config.model_fields())  # validates the architecture choices early
+        if hasattr(config, "model_fields"):
+            from model import GPTConfig
+            GPTConfig(**config.model_fields())  # validates the architecture choices early
     except ValueError as e:
         raise UserError(f"bad config: {e}") from None
     return config

@@ -17,10 +17,9 @@ from common import EOT, UserError
 def open_tokens(path):
     if not os.path.isfile(path):
         raise UserError(f"{path} not found; run prepare_owt.py (or point data_dir at its output)")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-    if len(tokens) < 2:
-        raise UserError(f"{path} is empty; prepare more data")
-    return tokens
+    if os.path.getsize(path) < 4:
+        raise UserError(f"{path} is empty; prepare more documents (or a larger --val-fraction for val.bin)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
 
 
 def batch_rng(seed, *keys):

@@ -32,6 +32,7 @@ class PipelineConfig:
     run: str = "smoke"  # outputs go to out/<run>/
     owt_name: str = "owt_smoke"  # data/<owt_name>/ from prepare_owt.py
     owt_max_tokens: int = 0  # 0: the whole source
+    owt_val_fraction: float = 0.005  # share of documents held out for validation
     pretrain_config: str = "config/pretrain_smoke.py"
     pretrain_args: str = ""  # extra --key=value overrides
     finetune_config: str = "config/finetune_smoke.py"
@@ -78,7 +79,8 @@ def build_steps(cfg, data_root):
     pre_ckpt, model_pt = f"{out}/pretrain/ckpt.pt", f"{out}/finetune/model.pt"
     evals = [f"{out}/eval/{t}_validation_metrics.json" for t in ("squad", "cnn_dailymail", "sst2")]
     return [
-        Step("prepare_owt", python_cmd("prepare_owt.py", cfg) + ["--name", cfg.owt_name, "--decontaminate"]
+        Step("prepare_owt", python_cmd("prepare_owt.py", cfg) + ["--name", cfg.owt_name, "--decontaminate",
+                                                               f"--val-fraction={cfg.owt_val_fraction}"]
              + (["--source", os.path.join(data_root, "webtext")] if data_root else [])
              + ([f"--max-tokens={cfg.owt_max_tokens}"] if cfg.owt_max_tokens else []) + root,
              [], [f"{owt}/train.bin", f"{owt}/val.bin", f"{owt}/meta.json"]),

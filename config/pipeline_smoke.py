@@ -3,6 +3,7 @@
 run = "smoke"
 owt_name = "owt_smoke"
 owt_max_tokens = 300_000
+owt_val_fraction = 0.05  # a few documents, enough for a validation loss
 pretrain_config = "config/pretrain_smoke.py"
 finetune_config = "config/finetune_smoke.py"
 finetune_block_size = 256

@@ -9,10 +9,11 @@ import torch
 
 import finetune
 import prepare_finetune
-import trainer
 from common import EOT, UserError
 from data import FinetuneMixture
 from model import GPT, GPTConfig
+
+from conftest import stop_after
 
 BLOCK = 256
 
@@ -106,14 +107,8 @@ def test_short_finetune_on_real_data_lowers_every_task_loss(workspace):
 def test_stopped_finetune_resumes_exactly(workspace, monkeypatch):
     extra = ("--max_iters=8", "--eval_interval=4", "--dropout=0.1")
     finetune.main(args(workspace, "full", *extra))
-    calls = {"n": 0}
-
-    def stop_after_three(self, rt):
-        calls["n"] += 1
-        return calls["n"] == 3
-
     with monkeypatch.context() as m:
-        m.setattr(trainer.StopFlag, "agreed", stop_after_three)
+        stop_after(m, 3)
         with pytest.raises(SystemExit):
             finetune.main(args(workspace, "cut", *extra))
     finetune.main(args(workspace, "cut", *extra, "--resume"))

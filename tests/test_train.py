@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,20 +14,7 @@ import trainer
 from common import UserError
 from config import FinetuneConfig, TrainConfig, parse_config
 
-from conftest import ROOT
-
-TINY = ["config/pretrain_smoke.py", "--n_layer=1", "--n_embd=32", "--n_head=2", "--block_size=32",
-        "--batch_size=2", "--eval_iters=2", "--log_interval=1"]
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    """A small learnable token stream: a repeated random pattern."""
-    rng = np.random.default_rng(0)
-    data = np.tile(rng.integers(0, 300, size=37), 300).astype(np.uint16)
-    data.tofile(tmp_path / "train.bin")
-    data[:2000].tofile(tmp_path / "val.bin")
-    return tmp_path
+from conftest import ROOT, TINY
 
 
 def env():

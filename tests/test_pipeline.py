@@ -1,0 +1,76 @@
+"""The one command: the smoke preset goes from raw ../shared data to model.pt, scores and a
+report; reruns skip finished steps; a killed pipeline resumes its training step."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+TASKS = ("squad", "cnn_dailymail", "sst2")
+
+
+def pipeline(cwd, shared_data, *extra, **kw):
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "--preset", "smoke", "--data-root", str(shared_data), *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900, **kw)
+
+
+def ran_steps(output):
+    return [line.split("]")[0][1:] for line in output.splitlines() if line.startswith("[") and "] $ " in line]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shared_data):
+    cwd = tmp_path_factory.mktemp("pipeline")
+    result = pipeline(cwd, shared_data)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ran_steps(result.stdout) == ["prepare_owt", "pretrain", "prepare_finetune", "finetune", "evaluate",
+                                        "report"]
+    return cwd
+
+
+def test_smoke_pipeline_produces_model_scores_and_report(finished_run):
+    run = finished_run / "out" / "smoke"
+    assert (run / "finetune" / "model.pt").is_file()
+    for task in TASKS:
+        metrics = json.loads((run / "eval" / f"{task}_validation_metrics.json").read_text())
+        assert metrics["count"] > 0 and metrics["scores"]
+    report = (run / "REPORT.md").read_text()
+    images = [part.split(")")[0] for part in report.split("](")[1:] if part.split(")")[0].endswith(".png")]
+    assert images and all((run / image).is_file() for image in images)
+
+
+def test_rerun_skips_finished_steps_and_a_deleted_output_reruns_only_its_dependents(finished_run, shared_data):
+    again = pipeline(finished_run, shared_data)
+    assert again.returncode == 0 and ran_steps(again.stdout) == []
+    (finished_run / "out" / "smoke" / "eval" / "squad_validation_metrics.json").unlink()
+    partial = pipeline(finished_run, shared_data)
+    assert partial.returncode == 0, partial.stderr[-2000:]
+    assert ran_steps(partial.stdout) == ["evaluate", "report"]
+
+
+def test_killed_pipeline_resumes_pretraining_from_its_checkpoint(finished_run, shared_data):
+    """Reuses the prepared data; a longer pretraining is stopped mid-way and resumed."""
+    extra = ["--", "--run=killed", "--pretrain_args=--max_iters=400 --eval_interval=5 --log_interval=1"]
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "--preset", "smoke", "--data-root", str(shared_data), *extra]
+    proc = subprocess.Popen(cmd, cwd=finished_run, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ckpt = finished_run / "out" / "killed" / "pretrain" / "ckpt.pt"
+    deadline = time.time() + 300
+    while not ckpt.exists() or ckpt.stat().st_size == 0:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group
+    proc.wait(timeout=120)
+    assert not (finished_run / "out" / "killed" / "pipeline" / "pretrain.json").exists()
+    resumed = pipeline(finished_run, shared_data, *extra[:1], "--run=killed",
+                       "--pretrain_args=--max_iters=400 --eval_interval=5 --log_interval=1", "--finetune_args=--max_iters=2")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming from out/killed/pretrain/ckpt.pt at iteration" in resumed.stdout
+    assert ran_steps(resumed.stdout)[0] == "pretrain"  # prepare_owt was already done
