@@ -35,8 +35,7 @@ import metrics
 import tasks
 from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
 from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
-from model import GPT, GPTConfig
-from trainer import load_checkpoint, load_weights, setup_runtime
+from trainer import load_checkpoint, model_from_checkpoint, setup_runtime
 
 ALL_TASKS = ("squad", "cnn_dailymail", "sst2")
 NEWLINES = (198, 628)  # "\n" and "\n\n": a SQuAD answer is one line
@@ -206,12 +205,7 @@ def owt_tokens(args, enc, block_size):
 
 def load_model(ckpt, path, rt):
     """The GPT of a loaded checkpoint dict, on rt.device; warns when it was not finetuned on these tasks."""
-    try:
-        config = GPTConfig(**ckpt["model_config"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{path} has a model_config this code cannot build ({e})") from None
-    model = GPT(config)
-    load_weights(model, ckpt["model"], path)
+    model = model_from_checkpoint(ckpt, path)
     version = ckpt.get("tasks_version")
     if version is None:
         print(f"warning: {path} was not finetuned on the tasks; scores will be near zero", file=sys.stderr)

@@ -8,15 +8,13 @@ import argparse
 import torch
 
 from common import EOT, UserError, get_tokenizer, run_main
-from model import GPT, GPTConfig
-from trainer import load_checkpoint, load_weights
+from trainer import load_checkpoint, model_from_checkpoint
 
 
 def load_model(path, device="cpu"):
     """A GPT from a training checkpoint (ckpt.pt) or a finetuned model.pt, in eval mode."""
     ckpt = load_checkpoint(path)
-    model = GPT(GPTConfig(**ckpt["model_config"]))
-    load_weights(model, ckpt["model"], path)
+    model = model_from_checkpoint(ckpt, path)
     return model.to(device).eval(), ckpt
 
 

@@ -172,6 +172,16 @@ def load_checkpoint(path):
     return ckpt
 
 
+def model_from_checkpoint(ckpt, path):
+    """The GPT a loaded checkpoint describes, with its weights (for sampling and evaluation)."""
+    try:
+        model = GPT(GPTConfig(**ckpt["model_config"]))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has a model_config this code cannot build ({e})") from None
+    load_weights(model, ckpt["model"], path)
+    return model
+
+
 def rng_state():
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -275,6 +285,10 @@ def train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=None, bes
             print(f"resuming from {ckpt_path} at iteration {start_iter}")
     elif cfg.resume and rt.master:
         print(f"no checkpoint at {ckpt_path}: starting from scratch")
+    if start_iter >= cfg.max_iters:
+        if rt.master:
+            print(f"{ckpt_path} is already at iteration {start_iter} of {cfg.max_iters}: nothing to do")
+        return {}
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), start_iter if cfg.resume else None) \
         if rt.master else None
 

@@ -1,10 +1,10 @@
 # The CPU reference run (2 cores): all of ../shared/data/webtext (51M tokens, of which the
-# 16M-parameter model sees ~2M in ~30 min), then ~30 min of multitask finetuning and an
-# evaluation on up to 1,000 validation examples per task.
+# 16M-parameter model sees 2M), multitask finetuning, and an evaluation on the first 500
+# validation examples of each task.
 #   python pipeline.py --preset cpu --data-root ../shared/data
 run = "cpu"
 owt_name = "owt"
 pretrain_config = "config/pretrain_cpu.py"
 finetune_config = "config/finetune_cpu.py"
 finetune_block_size = 512
-eval_limit = 1000
+eval_limit = 500
