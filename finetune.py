@@ -103,13 +103,14 @@ def main(argv=None):
                                    replay=replay, replay_fraction=cfg.replay_fraction)
     eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, cfg.batch_size, cfg.seed, split_id=1)
                     for n, s in val_splits.items()}
+    loss_fraction = loss_token_fraction(train_source)
     if rt.master:
         total = sum(weights.values())
         print("task mix: " + ", ".join(f"{n} {w / total:.1%}" for n, w in weights.items()) +
-              f"; replay {cfg.replay_fraction:.0%} of rows; "
-              f"{loss_token_fraction(train_source):.1%} of batch tokens carry loss")
+              f"; replay {cfg.replay_fraction:.0%} of rows; {loss_fraction:.1%} of batch tokens carry loss")
     extra = {"tasks_version": tasks.TASKS_VERSION, "tasks": names, "init_from": cfg.init_from}
-    train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=extra, best_name="model.pt")
+    train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=extra, best_name="model.pt",
+          head_fraction=loss_fraction)
     if rt.ddp:
         torch.distributed.destroy_process_group()
 

@@ -260,7 +260,7 @@ def estimate_losses(model, eval_sources, cfg, rt):
 
 
 def train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=None, best_name="best.pt",
-          selection=lambda losses: sum(losses.values()) / len(losses)):
+          selection=lambda losses: sum(losses.values()) / len(losses), head_fraction=1.0):
     """Run cfg.max_iters optimizer steps. eval_sources: name -> batch source; the selection of
     their losses picks the best checkpoint. Returns the final evaluation losses."""
     checkpoint_extra = checkpoint_extra or {}
@@ -299,7 +299,9 @@ def train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=None, bes
         model = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     micro_steps = cfg.gradient_accumulation_steps // rt.world_size
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-    flops_per_iter = raw_model.flops_per_token(cfg.block_size) * tokens_per_iter
+    # with a loss mask only head_fraction of the tokens go through the output layer: count just those
+    head_flops = 6 * raw_model.lm_head.weight.numel()
+    flops_per_iter = (raw_model.flops_per_token(cfg.block_size) - (1 - head_fraction) * head_flops) * tokens_per_iter
     peak = peak_flops(cfg, rt.device) * rt.world_size
     if rt.master:
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters, {tokens_per_iter:,} tokens per step, "
