@@ -24,7 +24,7 @@ import argparse
 import json
 import os
 import time
-from multiprocessing import Pool
+import multiprocessing as mp
 
 import numpy as np
 from tqdm import tqdm
@@ -132,7 +132,8 @@ def main(argv=None):
 
     get_tokenizer()  # fail fast, with its one-line message, before any work
     start = time.time()
-    pool = Pool(args.num_proc, initializer=_init_worker) if args.num_proc > 1 else None
+    # spawn: a forked child of a threaded process can deadlock (see prepare_owt.chunk_mapper)
+    pool = mp.get_context("spawn").Pool(args.num_proc, initializer=_init_worker) if args.num_proc > 1 else None
     if pool is None:
         _init_worker()
     try:

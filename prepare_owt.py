@@ -180,7 +180,7 @@ def chunked(docs):
 
 # ---- tokenizing (in worker processes) -------------------------------------------------------
 
-_worker = {}  # set once per process by init_worker; fork shares the n-gram index copy-on-write
+_worker = {}  # set once per process by init_worker
 
 
 def init_worker(seed, val_fraction, index):
@@ -213,8 +213,9 @@ def chunk_mapper(args, index):
         init_worker(*initargs)
         yield map
         return
-    # fork: workers inherit the index without pickling it (and monkeypatches, in tests)
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    # spawn, not fork: a forked child of a process that runs other threads (torch's, a data
+    # loader's) can deadlock on a lock one of them held; the index is pickled to each worker
+    ctx = mp.get_context("spawn")
     with ctx.Pool(args.num_proc, init_worker, initargs) as pool:  # terminates workers on exit
         yield pool.imap
 

@@ -228,12 +228,21 @@ class FailingEncoder:
         return self.real.encode_ordinary(text)
 
 
-@pytest.mark.parametrize("num_proc", ["1", "2"])
-def test_interrupted_run_leaves_no_output(corpus, enc, tmp_path, monkeypatch, num_proc):
+def test_interrupted_run_leaves_no_output(corpus, enc, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_owt, "get_tokenizer", lambda: FailingEncoder(enc, fail_after=70))  # > 1 chunk
     with pytest.raises(RuntimeError, match="simulated crash"):
-        prepare(corpus, tmp_path, "--num-proc", num_proc)
+        prepare(corpus, tmp_path)
     assert os.listdir(tmp_path / "owt") == []  # no train.bin, val.bin, meta.json nor temp files
+
+
+def test_run_with_workers_failing_mid_stream_leaves_no_output(docs, tmp_path):
+    source = tmp_path / "src.jsonl"
+    write_jsonl(source, docs)
+    with open(source, "a") as f:
+        f.write("{not json\n")  # read after the workers have tokenized many chunks
+    with pytest.raises(UserError, match="malformed JSON"):
+        prepare(source, tmp_path / "out", "--num-proc", "2")
+    assert os.listdir(tmp_path / "out" / "owt") == []
 
 
 def test_interrupted_rerun_keeps_previous_output(corpus, enc, tmp_path, monkeypatch):

@@ -1,0 +1,256 @@
+"""Benchmark training speed: a bare hand loop against the shared training loop, and the output layer's share.
+
+For one preset (default config/pretrain_cpu.py, with any --key=value overrides) it measures,
+after warm-up, the median over --runs timed runs of --iters iterations each:
+
+  fwd+bwd        forward and backward only
+  lm_head+loss   the 50304-wide output layer and cross-entropy alone, forward and backward, from the
+                 final hidden states: its share of fwd+bwd is what the vocabulary costs
+  bare step      forward, backward, optimizer step (trainer.build_optimizers), zero_grad: no trainer
+  train() loop   trainer.train itself (prefetch thread, LR schedule, clipping, logging), timed from
+                 the ms_per_iter rows of its metrics.jsonl, one short train() call per run
+
+with tokens/s, ms/iter, MFU (trainer.peak_flops: the GPU's datasheet peak, or on CPU the best
+fp32 matmul rate measured during the benchmark) and peak memory (CUDA max_memory_allocated
+during each phase's warm-up; on CPU the process's peak RSS so far, which only grows). The runs
+are interleaved, one of each phase per round, so load that changes while the benchmark runs
+(a shared machine) hits every phase alike. The target: the train() loop within 5% of the bare step.
+
+    python bench/bench_train.py                                  # CPU preset, 1 thread
+    python bench/bench_train.py config/pretrain_gpt2_124m_1gpu.py --device=cuda --compile=true
+    python bench/bench_train.py --threads 2 --block_size=256 --batch_size=8
+Writes out/bench/train.json.
+"""
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import trainer  # noqa: E402
+from common import UserError, run_main, write_json  # noqa: E402
+from config import TrainConfig, parse_config  # noqa: E402
+from data import TokenWindows  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("preset", nargs="?", default=os.path.join(ROOT, "config", "pretrain_cpu.py"))
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median)")
+    p.add_argument("--iters", type=int, default=5, help="iterations per timed run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", "bench", "train.json"))
+    args, overrides = p.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--")]
+    if bad:
+        p.error(f"unexpected arguments {bad}; config overrides are --key=value")
+    return args, overrides
+
+
+class RandomTokens:
+    """Stand-in batches when data_dir has no train.bin (speed does not depend on the tokens)."""
+
+    def __init__(self, block_size, batch_size, seed):
+        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
+
+    def batch(self, step, micro_step):
+        rng = np.random.default_rng([self.seed, step, micro_step])
+        rows = torch.from_numpy(rng.integers(0, 50257, size=(self.batch_size, self.block_size + 1)))
+        return rows[:, :-1], rows[:, 1:], None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def timed_runs(fn, runs, iters, warmup, device):
+    """Per-run ms/iter of `iters` calls of fn, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        out.append((time.perf_counter() - t0) * 1000 / iters)
+    return out
+
+
+def row(name, ms_runs, tokens, flops, peak, device):
+    ms = statistics.median(ms_runs)
+    return {"name": name, "ms_per_iter": round(ms, 2), "tokens_per_s": round(tokens / ms * 1000, 1),
+            "mfu": round(flops / (ms / 1000) / peak, 4) if peak and flops else None,
+            "peak_mem_mib": round(peak_mib(device), 1),
+            "runs_ms": [round(t, 2) for t in ms_runs]}
+
+
+def bench(args, overrides):
+    cfg = parse_config(TrainConfig, [args.preset, *overrides, f"--num_threads={args.threads}"])
+    rt = trainer.setup_runtime(cfg)
+    if rt.ddp:
+        raise UserError("run the benchmark as one process, not under torchrun")
+    device = rt.device
+    train_bin = os.path.join(cfg.data_dir, "train.bin")
+    if os.path.isfile(train_bin):
+        source = TokenWindows(train_bin, cfg.block_size, cfg.batch_size, cfg.seed)
+    else:
+        print(f"{train_bin} not found: timing on random tokens")
+        source = RandomTokens(cfg.block_size, cfg.batch_size, cfg.seed)
+    micro = cfg.gradient_accumulation_steps
+    tokens = cfg.batch_size * cfg.block_size * micro
+    torch.manual_seed(cfg.seed)
+    model = trainer.build_model(cfg).to(device)
+    flops = model.flops_per_token(cfg.block_size) * tokens
+    peak = trainer.peak_flops(cfg, device)
+    batches = [tuple(t.to(device) for t in source.batch(i, 0)[:2]) for i in range(4)]
+    print(f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x {micro}: "
+          f"{tokens:,} tokens/iter, {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.1f} GFLOP/iter; "
+          f"{device}, {str(rt.dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s), "
+          f"peak {peak / 1e12:.3f} TFLOP/s", flush=True)
+
+    fwd_model = torch.compile(model) if cfg.compile else model
+    optimizers = trainer.build_optimizers(model, cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=rt.dtype == torch.float16)
+    counter = {"i": 0}
+
+    def next_batch():
+        counter["i"] += 1
+        return batches[counter["i"] % len(batches)]
+
+    def fwd_bwd():
+        for _ in range(micro):
+            x, y = next_batch()
+            with rt.autocast():
+                _, loss = fwd_model(x, targets=y)
+            scaler.scale(loss / micro).backward()
+
+    def only_fwd_bwd():
+        fwd_bwd()
+        model.zero_grad(set_to_none=True)
+
+    def bare_step():
+        fwd_bwd()
+        for opt in optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    # the output layer alone: final hidden states -> 50304 logits -> cross-entropy, fwd + bwd
+    hidden = torch.randn(cfg.batch_size, cfg.block_size, cfg.n_embd, device=device, requires_grad=True)
+
+    def head_loss():
+        for _ in range(micro):
+            x, y = next_batch()
+            with rt.autocast():
+                logits = model.lm_head(hidden)
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            scaler.scale(loss / micro).backward()
+        hidden.grad = None
+        model.zero_grad(set_to_none=True)
+
+    runs, iters, warmup = args.runs, args.iters, args.warmup
+    head_flops = 6 * cfg.n_embd * model.lm_head.weight.size(0) * tokens
+    phases = {"fwd+bwd": only_fwd_bwd, "lm_head+loss": head_loss, "bare step": bare_step}
+    memory = {}
+    for name, fn in phases.items():  # warm-up, and each phase's peak memory
+        reset_peak(device)
+        for _ in range(max(1, warmup)):
+            fn()
+        sync(device)
+        memory[name] = peak_mib(device)
+
+    # trainer.train, continuing on the same model with its own optimizers, in chunks: on CPU one
+    # logged row per iteration after the first (which also holds the evaluation at iteration 0);
+    # elsewhere a warm-up row of `iters` iterations, then one timed row (a sync per row only)
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    per_iter_log = device.type == "cpu"
+    tcfg = dataclasses.replace(cfg, out_dir=tmp, resume=False, eval_interval=10 ** 9, eval_iters=1,
+                               max_iters=iters + 1 if per_iter_log else 2 * iters,
+                               log_interval=1 if per_iter_log else iters)
+
+    def train_chunk():
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer.train(tcfg, model, source, {"val": source}, rt)
+        with open(os.path.join(tmp, "metrics.jsonl")) as f:
+            logged = [r["ms_per_iter"] for r in map(json.loads, f) if r["type"] == "train"]
+        return statistics.mean(logged[1:])
+
+    reset_peak(device)
+    train_chunk()
+    memory["train() loop"] = peak_mib(device)
+    # the same load hits every phase: one timed run of each per round, rounds interleaved
+    timings = {name: [] for name in [*phases, "train() loop"]}
+    peaks = [peak]
+    t_start = time.perf_counter()
+    for r in range(runs):
+        for name, fn in phases.items():
+            timings[name] += timed_runs(fn, 1, iters, 0, device)
+        timings["train() loop"].append(train_chunk())
+        if device.type == "cpu" and not cfg.peak_flops:
+            peaks.append(trainer.peak_flops(cfg, device))  # the best rate seen: least disturbed
+        print(f"round {r + 1}/{runs}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in timings.items()), flush=True)
+    train_wall = time.perf_counter() - t_start
+    shutil.rmtree(tmp, ignore_errors=True)
+    peak = max(peaks)
+    rows = []
+    for name, ms in timings.items():
+        rows.append(row(name, ms, tokens, head_flops if name == "lm_head+loss" else flops, peak, device))
+        rows[-1]["peak_mem_mib"] = round(memory[name], 1)
+    bare_row, train_row = rows[2], rows[3]
+    ratio = train_row["ms_per_iter"] / bare_row["ms_per_iter"]
+    head_share = rows[1]["ms_per_iter"] / rows[0]["ms_per_iter"]
+    print(f"\n{'':14} {'ms/iter':>10} {'tok/s':>10} {'MFU':>7} {'peak MiB':>9}   runs (ms/iter)")
+    for r in rows:
+        mfu = f"{r['mfu'] * 100:6.1f}%" if r["mfu"] is not None else "      -"
+        print(f"{r['name']:14} {r['ms_per_iter']:10.1f} {r['tokens_per_s']:10.0f} {mfu} {r['peak_mem_mib']:9.0f}   "
+              + " ".join(f"{t:.0f}" for t in r["runs_ms"]))
+    print(f"\ntrain() loop / bare step: {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; target within +5%)")
+    print(f"lm_head + cross-entropy: {head_share * 100:.1f}% of forward+backward "
+          f"({head_flops / flops * 100:.1f}% of the FLOPs)")
+    result = {"preset": os.path.relpath(args.preset, ROOT), "overrides": overrides, "device": str(device),
+              "dtype": str(rt.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+              "compile": cfg.compile, "tokens_per_iter": tokens, "flops_per_iter": flops, "peak_flops": peak,
+              "runs": runs, "iters_per_run": iters, "rows": rows, "train_over_bare": round(ratio, 4),
+              "head_share_of_fwd_bwd": round(head_share, 4), "head_flops_share": round(head_flops / flops, 4),
+              "bench_wall_s": round(train_wall, 1)}
+    write_json(args.out, result)
+    print(f"wrote {os.path.relpath(args.out, ROOT)}")
+    return result
+
+
+def main(argv=None):
+    args, overrides = parse_args(argv)
+    return bench(args, overrides)
+
+
+if __name__ == "__main__":
+    run_main(main)
