@@ -131,8 +131,10 @@ def test_resume_with_a_different_model_shape_is_a_clear_error(corpus):
                            "--resume"])
 
 
-def test_torchrun_two_processes_see_different_data_and_stay_in_sync(corpus):
-    args = TINY + [f"--data_dir={corpus}", "--max_iters=6", "--eval_interval=100", "--gradient_accumulation_steps=2"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_processes_see_different_data_and_stay_in_sync(corpus, optimizer):
+    args = TINY + [f"--data_dir={corpus}", "--max_iters=6", "--eval_interval=100", "--gradient_accumulation_steps=2",
+                   f"--optimizer={optimizer}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     result = subprocess.run(cmd + args + [f"--out_dir={corpus}/ddp"], cwd=ROOT, env=env(),
                             capture_output=True, text=True, timeout=300)
