@@ -35,6 +35,9 @@ def test_presets_and_overrides_are_typed():
     cfg = parse_config(TrainConfig, ["config/pretrain_cpu.py", "--n_layer=2", "--compile", "--dropout", "0.1"])
     assert (cfg.n_layer, cfg.compile, cfg.dropout, cfg.block_size) == (2, True, 0.1, 512)
     assert parse_config(TrainConfig, ["--learning-rate=1e-3"]).learning_rate == 1e-3
+    # presets apply in order: an overlay changes only what it names
+    modern = parse_config(TrainConfig, ["config/pretrain_cpu.py", "config/modern.py", "--max_iters=7"])
+    assert (modern.pos_emb, modern.optimizer, modern.block_size, modern.max_iters) == ("rope", "muon", 512, 7)
 
 
 @pytest.mark.parametrize("argv, message", [

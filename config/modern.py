@@ -1,5 +1,6 @@
-# The CPU preset (config/pretrain_cpu.py: same size, data, schedule and budget) with the options
-# that won the ablation at this scale:
+# An overlay: the options that won the ablation at CPU-preset scale, on top of any preset:
+#     python train.py config/pretrain_cpu.py config/modern.py
+# The ablation:
 #     python bench/ablate.py --iters 100 --evals 10 --eval-iters 8 --threads 1
 #     (the last row: add --configs gpt2,rope,rmsnorm,swiglu,relu2,qk_norm,modern,modern_muon,modern_lr4e-3)
 # (4 layers x 256, blocks of 256 x 8 = 2,048 tokens per step, 100 steps = 0.2M tokens per config,
@@ -10,22 +11,7 @@
 # modern + Muon for the hidden matrices: 6.605 (84k, 41% of the baseline's tokens), the best;
 # modern at twice the AdamW rate (4e-3): 6.877 (128k), barely better than 2e-3, so 2e-3 stays.
 # A short run: it shows which options learn faster early on, not where they end after 1,000 steps.
-out_dir = "out/cpu_modern"
-data_dir = "data/owt"
-block_size = 512
-n_layer = 4
-n_head = 4
-n_embd = 256
-batch_size = 4
-gradient_accumulation_steps = 1
-max_iters = 1000
-warmup_iters = 50
-learning_rate = 2e-3  # AdamW: embeddings, output head, norm gains
-min_lr = 2e-4
-weight_decay = 0.1
-eval_interval = 100
-eval_iters = 10
-log_interval = 10
+out_dir = "out/cpu_modern/pretrain"  # beside the baseline preset's out/cpu/pretrain
 # architecture
 pos_emb = "rope"
 norm = "rmsnorm"
