@@ -16,6 +16,7 @@ examples:
   python prepare_owt.py --source ../shared/data/webtext --decontaminate --data-root ../shared/data
 """
 import argparse
+import collections
 import contextlib
 import glob
 import gzip
@@ -215,9 +216,36 @@ def chunk_mapper(args, index):
         return
     # spawn, not fork: a forked child of a process that runs other threads (torch's, a data
     # loader's) can deadlock on a lock one of them held; the index is pickled to each worker
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(args.num_proc, init_worker, initargs) as pool:  # terminates workers on exit
-        yield pool.imap
+    pool = mp.get_context("spawn").Pool(args.num_proc, init_worker, initargs)
+    runs = []
+
+    def ordered_map(fn, items):
+        runs.append(bounded_imap(pool, fn, items, window=2 * args.num_proc))
+        return runs[-1]
+
+    try:
+        yield ordered_map
+    finally:
+        for run in runs:  # a cap or an error stops early: let the few tasks in flight finish
+            run.close()
+        pool.close()  # not terminate(): it can hang while the pool's feeder thread is mid-write
+        pool.join()
+
+
+def bounded_imap(pool, fn, items, window):
+    """Like pool.imap, but reads `items` here, lazily, with at most `window` tasks in flight:
+    memory stays bounded and stopping early leaves only those to wait for."""
+    pending = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= window:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        for result in pending:
+            result.wait()
 
 
 # ---- writing --------------------------------------------------------------------------------
