@@ -5,63 +5,70 @@ A preset is a plain Python file that assigns some of the fields below. Unknown k
 wrong types are errors that name the valid keys, never silently ignored.
 """
 import dataclasses
+import inspect
 import os
+import re
 import runpy
+import sys
 from dataclasses import dataclass
 
 from common import UserError
+from model import GPTConfig
 
 
 @dataclass
-class TrainConfig:
-    # run and data
-    out_dir: str = "out/run"
-    data_dir: str = "data/owt"  # holds train.bin / val.bin from prepare_owt.py
-    resume: bool = False  # continue from out_dir/ckpt.pt when it exists
-    seed: int = 1337
-    # model (see model.GPTConfig)
+class TrainConfig(GPTConfig):
+    """A run's settings. The model's fields (n_layer, block_size, pos_emb, ...) are GPTConfig's,
+    inherited, so a new architecture option is declared once, in model.py; the defaults below
+    make a laptop-sized model."""
     block_size: int = 256
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
-    dropout: float = 0.0
-    bias: bool = True
-    pos_emb: str = "learned"
-    norm: str = "layernorm"
-    mlp: str = "gelu"
-    qk_norm: bool = False
-    tie_embeddings: bool = True
+    # run and data
+    out_dir: str = "out/run"  # checkpoints, best model and metrics.jsonl go here
+    data_dir: str = "data/owt"  # holds train.bin / val.bin from prepare_owt.py
+    resume: bool = False  # continue from out_dir/ckpt.pt when it exists
+    overwrite: bool = False  # replace a run already in out_dir (without it, that is an error)
+    seed: int = 1337  # every batch is a function of (seed, step, micro-step)
     # optimization
     batch_size: int = 8  # sequences per micro-batch, per process
     gradient_accumulation_steps: int = 1  # micro-batches per step, summed over all processes
-    max_iters: int = 1000
-    optimizer: str = "adamw"  # adamw | muon
-    learning_rate: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_iters: int = 100
+    max_iters: int = 1000  # optimizer steps
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    learning_rate: float = 6e-4  # AdamW's peak rate
+    min_lr: float = 6e-5  # AdamW's rate at the end of the cosine decay
+    warmup_iters: int = 100  # linear warmup steps
     lr_decay_iters: int = 0  # 0: decay until max_iters
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
+    weight_decay: float = 0.1  # on matrices only
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.95  # AdamW
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    muon_lr: float = 0.02  # Muon's peak rate (scaled by the same schedule)
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
     # evaluation, logging, checkpoints
-    eval_interval: int = 100
-    eval_iters: int = 20
-    log_interval: int = 10
+    eval_interval: int = 100  # steps between evaluations (each also writes ckpt.pt)
+    eval_iters: int = 20  # batches per validation estimate
+    log_interval: int = 10  # steps between log lines (the only host syncs)
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    compile: bool = False
+    dtype: str = "auto"  # auto (bf16 or fp16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16
+    compile: bool = False  # torch.compile the model
     backend: str = "auto"  # torchrun process group: auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     peak_flops: float = 0.0  # for MFU; 0: look up the GPU, or measure a matmul on CPU
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
 
     def model_fields(self):
-        from model import GPTConfig
         names = {f.name for f in dataclasses.fields(GPTConfig)}
         return {k: v for k, v in dataclasses.asdict(self).items() if k in names}
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.max_iters < 0 or self.warmup_iters < 0:
+            raise ValueError("max_iters and warmup_iters must be >= 0")
 
 
 @dataclass
@@ -69,7 +76,7 @@ class FinetuneConfig(TrainConfig):
     out_dir: str = "out/finetune"
     init_from: str = "out/run/ckpt.pt"  # the pretrained checkpoint to start from
     finetune_dir: str = "data/finetune"  # from prepare_finetune.py
-    tasks: str = "cnn_dailymail,squad,sst2"
+    tasks: str = "cnn_dailymail,squad,sst2"  # comma-separated task names
     task_weights: str = ""  # e.g. "cnn_dailymail:2,squad:2,sst2:1"; empty: proportional to size, capped
     mix_cap: int = 20000  # with empty task_weights, a task counts at most this many examples
     replay_fraction: float = 0.1  # share of rows that are plain pretraining text, against forgetting
@@ -101,8 +108,34 @@ def _check_type(key, value, kind, origin):
     return value
 
 
+def _comments(cls):
+    """field name -> the comment on its line in the class source (its meaning, for --help)."""
+    found = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for line in inspect.getsource(klass).splitlines():
+            match = re.match(r"\s+(\w+): \w+ = [^#]*#\s*(.*)$", line)
+            if match:
+                found[match.group(1)] = match.group(2)
+    return found
+
+
+def usage(cls):
+    """Every key with its type, default and meaning."""
+    meaning = _comments(cls)
+    lines = [f"usage: python {os.path.basename(sys.argv[0])} [preset.py ...] [--key=value ...]",
+             "Presets (config/*.py) apply in order, then the --key=value overrides. Keys:"]
+    for f in dataclasses.fields(cls):
+        kind = f.type if isinstance(f.type, type) else eval(f.type)
+        key = f"--{f.name}={kind.__name__}"
+        lines.append(f"  {key:<36} default {f.default!r:<20} {meaning.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
 def parse_config(cls, argv):
     """Build a cls from preset files (positional) and --key=value overrides, in order."""
+    if "-h" in argv or "--help" in argv:
+        print(usage(cls))
+        raise SystemExit(0)
     types = {f.name: f.type if isinstance(f.type, type) else eval(f.type) for f in dataclasses.fields(cls)}
     valid = ", ".join(sorted(types))
     values = {}
@@ -135,9 +168,6 @@ def parse_config(cls, argv):
     try:
         config = cls(**values)
         config.explicit = frozenset(values)  # what the user set, as opposed to defaults
-        if hasattr(config, "model_fields"):
-            from model import GPTConfig
-            GPTConfig(**config.model_fields())  # validates the architecture choices early
     except ValueError as e:
         raise UserError(f"bad config: {e}") from None
     return config

@@ -42,7 +42,7 @@ class TokenWindows:
     def batch(self, step, micro_step):
         rows = self.sample_rows(batch_rng(self.seed, self.split_id, step, micro_step), self.batch_size)
         rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:], None
+        return rows[:, :-1], rows[:, 1:], None, None
 
 
 class FinetuneMixture:
@@ -86,13 +86,38 @@ class FinetuneMixture:
             x, mask = self.pack_row(rng)
             rows.append(x)
             masks.append(mask)
-        rows, masks = torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
-        return rows[:, :-1], rows[:, 1:], masks[:, 1:]  # a target position carries loss if its token does
+        rows = torch.from_numpy(np.stack(rows))
+        loss_rows, loss_weights = loss_positions(np.stack(masks)[:, 1:])  # a target carries loss if its token does
+        return rows[:, :-1], rows[:, 1:], loss_rows, loss_weights
+
+
+def loss_positions(mask, bucket=256):
+    """(flat indices, weights) of a (B, T) loss mask: every masked position weighs 1/count, so
+    the weighted sum is the mean loss. The index is padded (position 0, weight 0) to a multiple
+    of `bucket`, so a compiled model sees few distinct shapes."""
+    rows = np.flatnonzero(mask.reshape(-1))
+    if len(rows) == 0:
+        raise UserError("a finetuning batch has no target token; check the prepared data")
+    padded = -(-len(rows) // bucket) * bucket
+    index = np.zeros(padded, dtype=np.int64)
+    weights = np.zeros(padded, dtype=np.float32)
+    index[:len(rows)], weights[:len(rows)] = rows, 1.0 / len(rows)
+    return torch.from_numpy(index), torch.from_numpy(weights)
+
+
+def loss_mask(batch):
+    """The (B, T) boolean mask of a batch's loss-carrying target positions (None: all of them)."""
+    x, _, rows, weights = batch
+    if rows is None:
+        return torch.ones_like(x, dtype=torch.bool)
+    mask = torch.zeros(x.numel(), dtype=torch.bool)
+    mask[rows[weights > 0]] = True
+    return mask.view_as(x)
 
 
 class Prefetcher:
-    """Builds the next batch on a background thread while the model computes, and moves it to
-    the device (pinned memory, non-blocking copy on CUDA)."""
+    """Builds the next batch on a background thread while the model computes (and pins it
+    there, for a non-blocking copy to a CUDA device)."""
 
     def __init__(self, source, device, keys):
         self.source, self.device, self.keys = source, device, iter(keys)
@@ -103,7 +128,10 @@ class Prefetcher:
     def _work(self):
         for key in self.keys:
             try:
-                self.queue.put(self.source.batch(*key))
+                batch = self.source.batch(*key)
+                if self.device.type == "cuda":
+                    batch = tuple(t.pin_memory() if t is not None else None for t in batch)
+                self.queue.put(batch)
             except Exception as e:  # surface loader errors in the training thread
                 self.queue.put(e)
                 return
@@ -117,6 +145,7 @@ class Prefetcher:
 
 
 def to_device(batch, device):
-    if device.type != "cuda":
+    """Move a batch's tensors to the model's device (any device: cuda, mps, ...)."""
+    if device.type == "cpu":
         return batch
-    return tuple(t.pin_memory().to(device, non_blocking=True) if t is not None else None for t in batch)
+    return tuple(t.to(device, non_blocking=t.is_pinned()) if t is not None else None for t in batch)

@@ -24,7 +24,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -35,7 +34,10 @@ import metrics
 import tasks
 from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
 from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
-from trainer import load_checkpoint, model_from_checkpoint, setup_runtime
+from checkpoint import load_checkpoint, model_from_checkpoint
+from corpus import documents
+from data import open_tokens
+from runtime import setup_runtime
 
 ALL_TASKS = ("squad", "cnn_dailymail", "sst2")
 NEWLINES = (198, 628)  # "\n" and "\n\n": a SQuAD answer is one line
@@ -192,9 +194,7 @@ def evaluate_owt(model, tokens, limit=None, autocast=nullcontext):
 def owt_tokens(args, enc, block_size):
     """Tokens of --owt-bin, or of the --owt-text documents (EOT after each; only as many as needed)."""
     if args.owt_bin:
-        from data import open_tokens
         return open_tokens(args.owt_bin), args.owt_bin, os.path.splitext(os.path.basename(args.owt_bin))[0]
-    from prepare_owt import documents
     need, ids = args.limit * block_size + 1 if args.limit else None, []
     for text in documents(args.owt_text):
         ids.extend(enc.encode_ordinary(text) + [EOT])
@@ -203,9 +203,7 @@ def owt_tokens(args, enc, block_size):
     return np.asarray(ids, dtype=np.int64), args.owt_text, "text"
 
 
-def load_model(ckpt, path, rt):
-    """The GPT of a loaded checkpoint dict, on rt.device; warns when it was not finetuned on these tasks."""
-    model = model_from_checkpoint(ckpt, path)
+def warn_if_not_finetuned_here(ckpt, path):
     version = ckpt.get("tasks_version")
     if version is None:
         print(f"warning: {path} was not finetuned on the tasks; scores will be near zero", file=sys.stderr)
@@ -213,15 +211,15 @@ def load_model(ckpt, path, rt):
         print(f"warning: {path} was finetuned with tasks version {version} but this code builds version "
               f"{tasks.TASKS_VERSION} prompts; scores may drop (re-finetune or check out the matching code)",
               file=sys.stderr)
-    return model.to(rt.device).eval(), version
+    return version
 
 
-def sha256_16(path):
+def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def print_table(result):
@@ -292,16 +290,16 @@ def main(argv=None):
         source = (tasks.local_file(name, args.split, args.data_root) if args.data_root else
                   f"hub:{task.hub_path}" + (f"/{task.hub_config}" if task.hub_config else "") + f" split {args.split}")
         data[name] = tasks.load_rows(name, args.split, args.data_root, args.limit), source
-    rt = setup_runtime(SimpleNamespace(device=args.device, dtype=args.dtype, num_threads=0, backend="auto",
-                                       gradient_accumulation_steps=1))
-    model, version = load_model(ckpt, args.ckpt, rt)
+    rt = setup_runtime(args.device, args.dtype)
+    model = model_from_checkpoint(ckpt, args.ckpt).to(rt.device).eval()
+    version = warn_if_not_finetuned_here(ckpt, args.ckpt)
     del ckpt
     enc = get_tokenizer()
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     settings = EvalSettings(split=args.split, batch_size=args.batch_size, num_beams=args.num_beams,
                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                             constrained=args.constrained, max_new_tokens=args.max_new_tokens, data_root=args.data_root)
-    common = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": sha256_16(args.ckpt)},
+    common = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt)},
               "tasks_version": tasks.TASKS_VERSION, "checkpoint_tasks_version": version,
               "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")}
     for name in names:

@@ -18,9 +18,10 @@ import torch
 import tasks
 from common import UserError, run_main
 from config import FinetuneConfig, parse_config
-from data import FinetuneMixture, TokenWindows
-from model import GPT, GPTConfig
-from trainer import load_checkpoint, load_weights, setup_runtime, train
+from data import FinetuneMixture, TokenWindows, loss_mask
+from checkpoint import load_checkpoint, model_from_checkpoint
+from runtime import setup_runtime
+from trainer import train
 
 
 def task_weights(cfg, names, sizes):
@@ -65,21 +66,20 @@ def open_task_splits(cfg, names, split):
     return splits
 
 
-def model_from_checkpoint(cfg, ckpt):
-    """The architecture comes from the checkpoint; fields the user set explicitly must agree
-    (a shape mismatch is a clear error), except dropout, which finetuning may change."""
-    arch = dict(ckpt["model_config"])
-    for field in dataclasses.fields(GPTConfig):
-        if field.name in cfg.explicit:
-            arch[field.name] = getattr(cfg, field.name)
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in arch.items() if hasattr(cfg, k)})
-    model = GPT(GPTConfig(**arch))
-    load_weights(model, ckpt["model"], cfg.init_from)
-    return cfg, model
+def pretrained_model(cfg):
+    """The pretrained GPT; its architecture comes from the checkpoint and becomes the run's
+    (cfg is updated). Fields set explicitly must agree (a shape mismatch is a clear error),
+    except dropout, which finetuning may change."""
+    ckpt = load_checkpoint(cfg.init_from)
+    overrides = {k: v for k, v in cfg.model_fields().items() if k in cfg.explicit}
+    model = model_from_checkpoint(ckpt, cfg.init_from, overrides)
+    for key, value in dataclasses.asdict(model.config).items():
+        setattr(cfg, key, value)
+    return model
 
 
 def loss_token_fraction(source, n=8):
-    masks = [source.batch(0, k)[2] for k in range(n)]
+    masks = [loss_mask(source.batch(0, k)) for k in range(n)]
     return float(torch.cat([m.flatten() for m in masks]).float().mean())
 
 
@@ -88,11 +88,9 @@ def main(argv=None):
     names = [n.strip() for n in cfg.tasks.split(",") if n.strip()]
     for name in names:
         tasks.get_task(name)
-    rt = setup_runtime(cfg)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
     torch.manual_seed(cfg.seed)
-    explicit = cfg.explicit
-    cfg, model = model_from_checkpoint(cfg, load_checkpoint(cfg.init_from))
-    cfg.explicit = explicit
+    model = pretrained_model(cfg)
 
     train_splits, val_splits = open_task_splits(cfg, names, "train"), open_task_splits(cfg, names, "validation")
     weights = task_weights(cfg, names, {n: len(s) for n, s in train_splits.items()})

@@ -20,21 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from common import EOT
-from model import GPT2_VOCAB, KVCache
-
-
-def left_pad(prompts, device):
-    """A left-padded batch as GPT.forward takes it: (idx, valid, positions), each (B, P)."""
-    if not prompts or min(len(p) for p in prompts) == 0:
-        raise ValueError("need at least one prompt, and every prompt needs at least one token")
-    B, P = len(prompts), max(len(p) for p in prompts)
-    idx = torch.zeros(B, P, dtype=torch.long)
-    valid = torch.zeros(B, P, dtype=torch.bool)
-    for row, p in enumerate(prompts):
-        idx[row, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-        valid[row, P - len(p):] = True
-    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    return idx.to(device), valid.to(device), positions.to(device)
+from model import GPT2_VOCAB, KVCache, left_pad
 
 
 def token_logprobs(logits):
@@ -48,15 +34,8 @@ def decode_text(enc, tokens):
     return enc.decode(list(tokens), errors="ignore").strip()
 
 
-def _check_room(model, prompt_len, new_tokens):
-    if prompt_len + new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({prompt_len} tokens) + {new_tokens} new tokens exceeds "
-                         f"block_size {model.config.block_size}")
-
-
 def _new_cache(model, batch_size, max_len):
-    weight = model.wte.weight
-    return KVCache(model.config, batch_size, max_len, weight.device, weight.dtype)
+    return KVCache(model.config, batch_size, max_len, model.wte.weight.device)
 
 
 def _banned_ngram_tokens(tokens, n):
@@ -77,7 +56,7 @@ def beam_search(model, prompt_ids, num_beams, max_new_tokens, length_penalty=1.0
     prompt = list(prompt_ids)
     if not prompt:
         raise ValueError("the prompt needs at least one token")
-    _check_room(model, len(prompt), max_new_tokens)
+    model.check_room(len(prompt), max_new_tokens)
     if max_new_tokens <= 0:
         return []
     device, stop = model.wte.weight.device, set(stop_tokens)
@@ -136,7 +115,7 @@ def constrained_span_decode(model, prompts, contexts_ids, max_new_tokens):
     device = model.wte.weight.device
     idx, valid, positions = left_pad(prompts, device)
     B, P = idx.shape
-    _check_room(model, P, max_new_tokens)
+    model.check_room(P, max_new_tokens)
     cache = _new_cache(model, B, P + max_new_tokens)
     starts = [np.arange(len(c)) for c in contexts]  # span starts that agree with the output so far
     out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
@@ -179,7 +158,7 @@ def label_logprobs(model, prompts, label_token_lists):
     idx, valid, positions = left_pad(prompts, device)
     B, P = idx.shape
     longest = max(len(label) for label in labels)
-    _check_room(model, P, longest - 1)
+    model.check_room(P, longest - 1)
     cache = _new_cache(model, B, P + longest - 1)
     logits, _ = model(idx, positions=positions, valid=valid, cache=cache)
     first = token_logprobs(logits[:, -1])

@@ -11,25 +11,26 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from common import EOT
+
 GPT2_VOCAB = 50257  # real GPT-2 tokens; the embedding is padded to 50304 for fast matmuls
-EOT = 50256
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
+    block_size: int = 1024  # context length in tokens
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention heads
+    n_embd: int = 768  # width of the residual stream
+    dropout: float = 0.0  # on attention, MLP and embeddings
+    bias: bool = True  # biases in linear layers and LayerNorm
     pos_emb: str = "learned"  # learned | rope
     norm: str = "layernorm"  # layernorm | rmsnorm
     mlp: str = "gelu"  # gelu | swiglu | relu2
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
+    qk_norm: bool = False  # RMS-normalize queries and keys per head
+    tie_embeddings: bool = True  # the output layer shares the token embedding
+    rope_base: float = 10000.0  # RoPE's base period (with pos_emb=rope)
 
     def __post_init__(self):
         choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
@@ -65,9 +66,14 @@ def rotate(x, cos, sin):
 
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, preallocated for max_len,
-    plus which key positions are real tokens (left padding is not)."""
+    plus which key positions are real tokens (left padding is not). Under autocast the cache
+    holds the autocast dtype (what attention computes in), not the weights' float32."""
 
-    def __init__(self, config, batch_size, max_len, device, dtype):
+    def __init__(self, config, batch_size, max_len, device, dtype=None):
+        device = torch.device(device)
+        if dtype is None:
+            autocast = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocast else torch.float32
         head_dim = config.n_embd // config.n_head
         shape = (config.n_layer, batch_size, config.n_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -191,12 +197,14 @@ class GPT(nn.Module):
         weights = self.num_params(non_embedding=True) - (0 if c.tie_embeddings else self.wte.weight.numel())
         return 6 * weights + 12 * c.n_layer * c.n_embd * T
 
-    def forward(self, idx, targets=None, loss_mask=None, positions=None, valid=None, cache=None,
-                all_logits=False):
-        """idx (B, T) token ids. Training: targets (B, T), optional loss_mask (B, T) of positions
-        that carry loss; returns (logits or None, mean loss). Inference: positions (B, T) and
-        valid (B, T) describe left-padded prompts, cache a KVCache; returns last-step logits
-        (or all of them) and None."""
+    def forward(self, idx, targets=None, loss_rows=None, loss_weights=None, positions=None, valid=None,
+                cache=None, all_logits=False):
+        """idx (B, T) token ids.
+        Training: targets (B, T); returns (None, loss), the mean next-token loss, or with
+        loss_rows (N,) flat positions into B*T and loss_weights (N,) the weighted sum of their
+        losses (only those rows go through the 50k-wide head: finetuning saves most of it).
+        Inference: positions (B, T) and valid (B, T) describe left-padded prompts, cache a
+        KVCache; returns (last-step logits, or all of them, None)."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:  # checked on sizes, not values: no device sync
@@ -219,14 +227,13 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if targets is None:
             return self.lm_head(x if all_logits else x[:, -1:]), None
-        if loss_mask is not None:
-            # only rows that carry loss go through the 50k-wide head: finetuning saves most of it
-            keep = loss_mask.reshape(-1).bool()
-            logits = self.lm_head(x.reshape(-1, x.size(-1))[keep])
-            return None, F.cross_entropy(logits.float(), targets.reshape(-1)[keep])
+        if loss_rows is not None:  # an index, not a boolean mask: no host sync, a fixed shape
+            logits = self.lm_head(x.reshape(-1, x.size(-1)).index_select(0, loss_rows))
+            losses = F.cross_entropy(logits.float(), targets.reshape(-1).index_select(0, loss_rows), reduction="none")
+            return None, (losses * loss_weights).sum()
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        # the logits are not returned: at 32 x 1024 tokens they are gigabytes the caller would keep alive
+        return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     @staticmethod
     def _attention_mask(valid, cache, start, T, device):
@@ -244,6 +251,11 @@ class GPT(nn.Module):
         mask = ((key <= query)[None] & valid[:, None, :]) | (key == query)[None]
         return mask[:, None]
 
+    def check_room(self, prompt_len, new_tokens):
+        if prompt_len + new_tokens > self.config.block_size:
+            raise ValueError(f"prompt ({prompt_len} tokens) + {new_tokens} new tokens exceeds "
+                             f"block_size {self.config.block_size}")
+
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
                  stop_tokens=(EOT,), use_cache=True, generator=None):
@@ -252,21 +264,11 @@ class GPT(nn.Module):
         The prompts are left-padded into one batch; the KV cache means each step feeds only the
         newest token."""
         device = self.wte.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("every prompt needs at least one token")
-        if P + max_new_tokens > self.config.block_size:
-            raise ValueError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"block_size {self.config.block_size}")
-        idx = torch.zeros(B, P, dtype=torch.long, device=device)
-        valid = torch.zeros(B, P, dtype=torch.bool, device=device)
-        for row, p in enumerate(prompts):
-            idx[row, P - len(p):] = torch.tensor(p, device=device)
-            valid[row, P - len(p):] = True
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        cache = KVCache(self.config, B, P + max_new_tokens, device, self.wte.weight.dtype) if use_cache else None
+        idx, valid, positions = left_pad(prompts, device)
+        self.check_room(idx.size(1), max_new_tokens)
+        cache = KVCache(self.config, len(prompts), idx.size(1) + max_new_tokens, device) if use_cache else None
         stop = torch.tensor(list(stop_tokens), device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
         out = []
         step_idx, step_pos, step_valid = idx, positions, valid
         for _ in range(max_new_tokens):
@@ -289,6 +291,20 @@ class GPT(nn.Module):
             ends = [i for i, t in enumerate(row) if t in stop_tokens]
             results.append(row[:ends[0]] if ends else row)
         return results
+
+
+def left_pad(prompts, device):
+    """A left-padded batch as GPT.forward takes it: (idx, valid, positions), each (B, P)."""
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("need at least one prompt, and every prompt needs at least one token")
+    B, P = len(prompts), max(len(p) for p in prompts)
+    idx = torch.zeros(B, P, dtype=torch.long)
+    valid = torch.zeros(B, P, dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        idx[row, P - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+        valid[row, P - len(p):] = True
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+    return idx.to(device), valid.to(device), positions.to(device)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

@@ -8,14 +8,7 @@ import argparse
 import torch
 
 from common import EOT, UserError, get_tokenizer, run_main
-from trainer import load_checkpoint, model_from_checkpoint
-
-
-def load_model(path, device="cpu"):
-    """A GPT from a training checkpoint (ckpt.pt) or a finetuned model.pt, in eval mode."""
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)
-    return model.to(device).eval(), ckpt
+from checkpoint import load_model
 
 
 def parse_args(argv=None):

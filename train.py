@@ -13,14 +13,16 @@ import torch
 from common import run_main
 from config import TrainConfig, parse_config
 from data import TokenWindows
-from trainer import build_model, setup_runtime, train
+from model import GPT, GPTConfig
+from runtime import setup_runtime
+from trainer import train
 
 
 def main(argv=None):
     cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-    rt = setup_runtime(cfg)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg)
+    model = GPT(GPTConfig(**cfg.model_fields()))
     train_source = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
     val_source = TokenWindows(os.path.join(cfg.data_dir, "val.bin"), cfg.block_size, cfg.batch_size, cfg.seed,
                               split_id=1)

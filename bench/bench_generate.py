@@ -19,7 +19,6 @@ import os
 import statistics
 import sys
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -29,7 +28,8 @@ import evaluate  # noqa: E402
 import tasks  # noqa: E402
 from common import UserError, get_tokenizer, run_main, write_json  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from trainer import load_checkpoint, setup_runtime  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from runtime import setup_runtime  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -86,9 +86,8 @@ def bench_cache(args, device):
 
 
 def bench_squad(args, device):
-    rt = setup_runtime(SimpleNamespace(device=args.device, dtype="auto", num_threads=args.threads,
-                                       backend="auto", gradient_accumulation_steps=1))
-    model, _ = evaluate.load_model(load_checkpoint(args.ckpt), args.ckpt, rt)
+    rt = setup_runtime(args.device, num_threads=args.threads)
+    model, _ = load_model(args.ckpt, rt.device)
     rows = tasks.load_rows("squad", "validation", args.data_root)
     total, timed = len(rows), rows[:args.limit] if args.limit else rows
     settings = evaluate.EvalSettings(batch_size=args.batch_size, data_root=args.data_root)

@@ -10,7 +10,7 @@ after warm-up, the median over --runs timed runs of --iters iterations each:
   train() loop   trainer.train itself (prefetch thread, LR schedule, clipping, logging), timed from
                  the ms_per_iter rows of its metrics.jsonl, one short train() call per run
 
-with tokens/s, ms/iter, MFU (trainer.peak_flops: the GPU's datasheet peak, or on CPU the best
+with tokens/s, ms/iter, MFU (runtime.peak_flops: the GPU's datasheet peak, or on CPU the best
 fp32 matmul rate measured during the benchmark) and peak memory (CUDA max_memory_allocated
 during each phase's warm-up; on CPU the process's peak RSS so far, which only grows). The runs
 are interleaved, one of each phase per round, so load that changes while the benchmark runs
@@ -44,6 +44,8 @@ import trainer  # noqa: E402
 from common import UserError, run_main, write_json  # noqa: E402
 from config import TrainConfig, parse_config  # noqa: E402
 from data import TokenWindows  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from runtime import peak_flops, setup_runtime  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,7 +72,7 @@ class RandomTokens:
     def batch(self, step, micro_step):
         rng = np.random.default_rng([self.seed, step, micro_step])
         rows = torch.from_numpy(rng.integers(0, 50257, size=(self.batch_size, self.block_size + 1)))
-        return rows[:, :-1], rows[:, 1:], None
+        return rows[:, :-1], rows[:, 1:], None, None
 
 
 def sync(device):
@@ -114,7 +116,7 @@ def row(name, ms_runs, tokens, flops, peak, device):
 
 def bench(args, overrides):
     cfg = parse_config(TrainConfig, [args.preset, *overrides, f"--num_threads={args.threads}"])
-    rt = trainer.setup_runtime(cfg)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
     if rt.ddp:
         raise UserError("run the benchmark as one process, not under torchrun")
     device = rt.device
@@ -127,9 +129,9 @@ def bench(args, overrides):
     micro = cfg.gradient_accumulation_steps
     tokens = cfg.batch_size * cfg.block_size * micro
     torch.manual_seed(cfg.seed)
-    model = trainer.build_model(cfg).to(device)
+    model = GPT(GPTConfig(**cfg.model_fields())).to(device)
     flops = model.flops_per_token(cfg.block_size) * tokens
-    peak = trainer.peak_flops(cfg, device)
+    peak = peak_flops(device, cfg.peak_flops)
     batches = [tuple(t.to(device) for t in source.batch(i, 0)[:2]) for i in range(4)]
     print(f"{cfg.n_layer} layers, n_embd {cfg.n_embd}, block {cfg.block_size}, batch {cfg.batch_size} x {micro}: "
           f"{tokens:,} tokens/iter, {model.num_params() / 1e6:.2f}M params, {flops / 1e9:.1f} GFLOP/iter; "
@@ -193,7 +195,7 @@ def bench(args, overrides):
     # elsewhere a warm-up row of `iters` iterations, then one timed row (a sync per row only)
     tmp = tempfile.mkdtemp(prefix="bench_train_")
     per_iter_log = device.type == "cpu"
-    tcfg = dataclasses.replace(cfg, out_dir=tmp, resume=False, eval_interval=10 ** 9, eval_iters=1,
+    tcfg = dataclasses.replace(cfg, out_dir=tmp, resume=False, overwrite=True, eval_interval=10 ** 9, eval_iters=1,
                                max_iters=iters + 1 if per_iter_log else 2 * iters,
                                log_interval=1 if per_iter_log else iters)
 
@@ -216,7 +218,7 @@ def bench(args, overrides):
             timings[name] += timed_runs(fn, 1, iters, 0, device)
         timings["train() loop"].append(train_chunk())
         if device.type == "cpu" and not cfg.peak_flops:
-            peaks.append(trainer.peak_flops(cfg, device))  # the best rate seen: least disturbed
+            peaks.append(peak_flops(device, cfg.peak_flops))  # the best rate seen: least disturbed
         print(f"round {r + 1}/{runs}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in timings.items()), flush=True)
     train_wall = time.perf_counter() - t_start
     shutil.rmtree(tmp, ignore_errors=True)

@@ -140,7 +140,7 @@ def test_evaluate_end_to_end(tmp_path, shared_data):
         assert len({p["id"] for p in preds}) == 3
         result = json.load(open(tmp_path / "eval" / f"{name}_validation_metrics.json"))
         assert result["count"] == 3 and result["tasks_version"] == tasks.TASKS_VERSION
-        assert len(result["checkpoint"]["sha256"]) == 16 and result["decoding"]["strategy"]
+        assert len(result["checkpoint"]["sha256"]) == 64 and result["decoding"]["strategy"]
         assert set(result["baseline"]["scores"]) == set(result["scores"])
         assert result["data_source"].startswith(str(shared_data))
     squad = json.load(open(tmp_path / "eval/squad_validation_metrics.json"))

@@ -10,7 +10,7 @@ import torch
 import finetune
 import prepare_finetune
 from common import EOT, UserError
-from data import FinetuneMixture
+from data import FinetuneMixture, loss_mask
 from model import GPT, GPTConfig
 
 from conftest import stop_after
@@ -37,7 +37,7 @@ def test_task_sampling_follows_the_weights():
     mix = FinetuneMixture(splits, weights, block_size=60, batch_size=8, seed=0)
     counts = np.zeros(3)
     for step in range(100):
-        x, _, _ = mix.batch(step, 0)
+        x = mix.batch(step, 0)[0]
         starts = torch.cat([torch.ones(8, 1, dtype=torch.bool), x[:, :-1] == EOT], 1) & (x < 3)
         counts += np.bincount(x[starts].numpy(), minlength=3)
     expected = np.array([1, 2, 5]) / 8
@@ -48,7 +48,8 @@ def test_task_sampling_follows_the_weights():
 
 def test_loss_mask_covers_exactly_targets_and_their_eot():
     mix = FinetuneMixture({"a": FakeSplit(7)}, {"a": 1.0}, block_size=20, batch_size=2, seed=0)
-    x, y, mask = mix.batch(0, 0)
+    batch = mix.batch(0, 0)
+    x, y, mask = batch[0], batch[1], loss_mask(batch)
     assert torch.equal(x[:, 1:], y[:, :-1])
     # 3 whole examples of 6 tokens fit in 21 positions; the rest is padding without loss
     assert y[0][mask[0]].tolist() == [107, 107, EOT] * 3
@@ -61,7 +62,7 @@ def test_replay_rows_carry_loss_everywhere(tmp_path):
     replay = TokenWindows(str(tmp_path / "owt.bin"), 20, 4, seed=0)
     mix = FinetuneMixture({"a": FakeSplit(1)}, {"a": 1.0}, 20, 64, 0, replay=replay, replay_fraction=0.25)
     rows = [mix.batch(s, 0) for s in range(5)]
-    full = sum(int(m.all(1).sum()) for _, _, m in rows)
+    full = sum(int(loss_mask(b).all(1).sum()) for b in rows)
     assert 0.1 < full / (5 * 64) < 0.4
 
 

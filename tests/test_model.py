@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from data import loss_positions
 from model import GPT, GPTConfig
 
 VARIANTS = {
@@ -91,13 +92,16 @@ def test_tiny_model_overfits_one_batch(variant):
     assert loss.item() < 0.1
 
 
-def test_loss_mask_counts_only_masked_positions():
+def test_loss_rows_weigh_only_the_positions_they_name():
     model = tiny()
     x = torch.randint(0, 512, (2, 10))
     y = torch.randint(0, 512, (2, 10))
     mask = torch.zeros(2, 10, dtype=torch.bool)
     mask[:, 6:] = True
-    _, masked = model(x, targets=y, loss_mask=mask)
+    rows, weights = loss_positions(mask.numpy(), bucket=16)  # padded: 8 real rows, 8 of weight 0
+    assert len(rows) == 16 and float(weights.sum()) == pytest.approx(1.0)
+    logits_out, masked = model(x, targets=y, loss_rows=rows, loss_weights=weights)
+    assert logits_out is None  # training never hands back the B x T x V logits
     logits, _ = model(x, all_logits=True)
     expected = torch.nn.functional.cross_entropy(logits[:, 6:].reshape(-1, 512), y[:, 6:].reshape(-1))
     assert torch.allclose(masked, expected, atol=1e-5)
