@@ -76,7 +76,7 @@ class FinetuneConfig(TrainConfig):
     out_dir: str = "out/finetune"
     init_from: str = "out/run/ckpt.pt"  # the pretrained checkpoint to start from
     finetune_dir: str = "data/finetune"  # from prepare_finetune.py
-    tasks: str = "cnn_dailymail,squad,sst2"  # comma-separated task names
+    tasks: str = "all"  # comma-separated task names (tasks.py), or all
     task_weights: str = ""  # e.g. "cnn_dailymail:2,squad:2,sst2:1"; empty: proportional to size, capped
     mix_cap: int = 20000  # with empty task_weights, a task counts at most this many examples
     replay_fraction: float = 0.1  # share of rows that are plain pretraining text, against forgetting

@@ -94,15 +94,14 @@ class NgramIndex:
 
 def eval_texts(task_names=None, data_root=None):
     """Yield each distinct input text of the evaluation splits of the tasks
-    (default: every task in tasks.EVAL_SPLITS). SQuAD repeats a context for each question,
-    so texts are deduplicated by a digest to avoid hashing them again."""
+    (default: every registered task). SQuAD repeats a context for each question, so texts
+    are deduplicated by a digest to avoid hashing them again."""
     import tasks  # lazy: only --decontaminate needs the task definitions
-    names = list(tasks.EVAL_SPLITS) if task_names is None else list(task_names)
     seen = set()
-    for name in names:
-        for split in tasks.EVAL_SPLITS[name]:
-            for row in tasks.load_rows(name, split, data_root=data_root):
-                for text in tasks.source_texts(name, row):
+    for task in tasks.task_list(",".join(task_names or [])):
+        for split in task.eval_splits:
+            for row in task.load_rows(split, data_root=data_root):
+                for text in task.inputs(row):
                     key = hashlib.blake2b(text.encode(), digest_size=16).digest()
                     if key not in seen:
                         seen.add(key)
@@ -110,6 +109,6 @@ def eval_texts(task_names=None, data_root=None):
 
 
 def load_eval_index(task_names=None, data_root=None, n=N):
-    """NgramIndex of the evaluation texts of the tasks (all of tasks.EVAL_SPLITS by default);
+    """NgramIndex of the evaluation texts of the tasks (every registered task by default);
     data_root=None loads them from the hub, else from <data_root>/<dir>/<split>.jsonl.gz."""
     return NgramIndex(eval_texts(task_names, data_root), n=n)

@@ -5,7 +5,7 @@
     python evaluate.py --task cnn_dailymail --ckpt model.pt --num-beams 4 --no-repeat-ngram-size 3
     python evaluate.py --task owt --ckpt out/pretrain/ckpt.pt --owt-bin data/owt/val.bin --limit 100
 
-Prompts come only from tasks.prompt_ids, byte for byte the prompts of finetuning. Examples are
+Prompts come only from Task.prompt (tasks.py), byte for byte the prompts of finetuning. Examples are
 sorted by prompt length and decoded in batches (greedy by default; SQuAD also stops at a
 newline). SST-2 compares the likelihoods of the two label words: nothing is parsed.
 Baselines: Lead-3 (CNN/DM), the sentence sharing most words with the question (SQuAD), the
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import metrics
 import tasks
 from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
 from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
@@ -39,9 +38,6 @@ from corpus import documents
 from data import open_tokens
 from runtime import setup_runtime
 
-ALL_TASKS = ("squad", "cnn_dailymail", "sst2")
-NEWLINES = (198, 628)  # "\n" and "\n\n": a SQuAD answer is one line
-STOP_TOKENS = {"squad": (EOT, *NEWLINES), "cnn_dailymail": (EOT,), "sst2": (EOT,)}
 
 
 @dataclass
@@ -66,105 +62,70 @@ def _in_length_order(prompts, batch_size, desc, progress):
             bar.update(len(order[start:start + batch_size]))
 
 
-def decoding_settings(task_name, s):
-    if task_name == "sst2":
-        return {"strategy": "label_likelihood", "labels": list(tasks.LABEL_WORDS["sst2"])}
-    strategy = ("constrained_span" if s.constrained and task_name == "squad" else
+def decoding_settings(task, s):
+    if task.label_words:
+        return {"strategy": "label_likelihood", "labels": list(task.label_words)}
+    strategy = ("constrained_span" if s.constrained and task.extractive else
                 "beam" if s.num_beams > 1 or s.no_repeat_ngram_size else "greedy")
-    out = {"strategy": strategy, "max_new_tokens": s.max_new_tokens or tasks.get_task(task_name).max_new_tokens,
-           "stop_tokens": list(STOP_TOKENS[task_name] if strategy != "constrained_span" else (EOT,))}
+    out = {"strategy": strategy, "max_new_tokens": s.max_new_tokens or task.max_new_tokens,
+           "stop_tokens": list(task.stop_tokens if strategy != "constrained_span" else (EOT,))}
     if strategy == "beam":
         out.update(num_beams=s.num_beams, length_penalty=s.length_penalty,
                    no_repeat_ngram_size=s.no_repeat_ngram_size, ngram_blocking="generated tokens only")
     return out
 
 
-def _generate(model, batch, task_name, decoding, contexts):
-    room = model.config.block_size - max(len(p) for p in batch)  # prompt_ids reserved the target cap
+def _generate(model, prompts, decoding):
+    """New tokens for a batch of Prompts, by the decoding strategy's rules."""
+    batch = [p.ids for p in prompts]
+    room = model.config.block_size - max(len(p) for p in batch)  # the prompt reserved the target cap
     n = min(decoding["max_new_tokens"], room)
     if decoding["strategy"] == "constrained_span":
-        return constrained_span_decode(model, batch, contexts, n)
+        return constrained_span_decode(model, batch, [p.ids[slice(*p.input_span)] for p in prompts], n)
     if decoding["strategy"] == "beam":
         return [beam_search(model, p, decoding["num_beams"], n, decoding["length_penalty"],
-                            decoding["no_repeat_ngram_size"], STOP_TOKENS[task_name]) for p in batch]
-    return model.generate(batch, n, stop_tokens=STOP_TOKENS[task_name])
-
-
-def baseline(task_name, rows, settings):
-    """{"name", "scores"} of the task's trivial baseline, scored by the same metrics code."""
-    if task_name == "cnn_dailymail":
-        preds = [metrics.lead3(r["article"]) for r in rows]
-        refs = [tasks.references(task_name, r)[0] for r in rows]
-        return {"name": "lead-3", "scores": metrics.summarization_scores(preds, refs)}
-    if task_name == "squad":
-        preds = [metrics.question_overlap_sentence(r["context"], r["question"]) for r in rows]
-        return {"name": "question-overlap sentence",
-                "scores": metrics.squad_scores(preds, [tasks.references("squad", r) for r in rows])}
-    labels = [tasks.label_index(r) for r in rows]
-    try:
-        train = tasks.load_rows("sst2", "train", settings.data_root)
-        majority, source = metrics.majority_label([tasks.label_index(r) for r in train]), "train split"
-    except UserError as e:
-        print(f"warning: SST-2 train labels unavailable ({e}); majority baseline uses the "
-              f"{settings.split} labels instead", file=sys.stderr)
-        majority, source = metrics.majority_label(labels), f"{settings.split} split (train unavailable)"
-    return {"name": f"majority class ({tasks.LABEL_WORDS['sst2'][majority].strip()}, from {source})",
-            "scores": metrics.accuracy([majority] * len(rows), labels)}
+                            decoding["no_repeat_ngram_size"], decoding["stop_tokens"]) for p in batch]
+    return model.generate(batch, n, stop_tokens=decoding["stop_tokens"])
 
 
 @torch.no_grad()
-def evaluate_task(model, enc, task_name, rows, settings, autocast=nullcontext):
-    """Score `model` on `rows` of a task (autocast: a context factory, e.g. Runtime.autocast).
-    Returns (metrics dict, list of prediction dicts)."""
+def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext):
+    """Score `model` on `rows` of a task (a Task or its name; autocast: a context factory, e.g.
+    Runtime.autocast). Returns (metrics dict, list of prediction dicts)."""
+    task = tasks.get_task(task) if isinstance(task, str) else task
     started = time.perf_counter()
     model.eval()
-    prompts = [tasks.prompt_ids(task_name, row, enc, model.config.block_size)[0] for row in rows]
-    decoding = decoding_settings(task_name, settings)
-    labels = [enc.encode_ordinary(w) for w in tasks.LABEL_WORDS["sst2"]]
+    prompts = [task.prompt(row, enc, model.config.block_size) for row in rows]
+    decoding = decoding_settings(task, settings)
+    labels = [enc.encode_ordinary(w) for w in task.label_words or ()]
     outputs, generated = [None] * len(rows), 0
-    for chunk in _in_length_order(prompts, settings.batch_size, task_name, settings.progress):
-        batch = [prompts[i] for i in chunk]
+    for chunk in _in_length_order([p.ids for p in prompts], settings.batch_size, task.name, settings.progress):
         with autocast():
-            if task_name == "sst2":
-                results = label_logprobs(model, batch, labels).tolist()
+            if labels:
+                results = label_logprobs(model, [prompts[i].ids for i in chunk], labels).tolist()
             else:
-                contexts = [_context_ids(enc, rows[i], model.config.block_size) for i in chunk] \
-                    if decoding["strategy"] == "constrained_span" else None
-                results = _generate(model, batch, task_name, decoding, contexts)
+                results = _generate(model, [prompts[i] for i in chunk], decoding)
                 generated += sum(len(r) for r in results)
         for i, result in zip(chunk, results):
             outputs[i] = result
     elapsed = time.perf_counter() - started
     predictions = []
     for row, out in zip(rows, outputs):
-        pred = {"id": tasks.example_id(task_name, row)}
-        if task_name == "sst2":
-            pred["prediction"] = tasks.LABEL_WORDS["sst2"][int(np.argmax(out))].strip()
-            pred["label_logprobs"] = {w.strip(): lp for w, lp in zip(tasks.LABEL_WORDS["sst2"], out)}
+        pred = {"id": task.example_id(row)}
+        if labels:
+            pred["prediction"] = task.label_words[int(np.argmax(out))].strip()
+            pred["label_logprobs"] = {w.strip(): lp for w, lp in zip(task.label_words, out)}
         else:
             pred["prediction"] = decode_text(enc, out)
-        pred["references"] = tasks.references(task_name, row)
+        pred["references"] = task.references(row)
         predictions.append(pred)
-    preds = [p["prediction"] for p in predictions]
-    if task_name == "squad":
-        scores = metrics.squad_scores(preds, [p["references"] for p in predictions])
-    elif task_name == "cnn_dailymail":
-        scores = metrics.summarization_scores(preds, [p["references"][0] for p in predictions])
-    else:
-        scores = metrics.accuracy(preds, [p["references"][0] for p in predictions])
-    result = {"task": task_name, "split": settings.split, "count": len(rows), "scores": scores,
-              "baseline": baseline(task_name, rows, settings), "decoding": decoding,
+    scores = task.score([p["prediction"] for p in predictions], [p["references"] for p in predictions])
+    result = {"task": task.name, "split": settings.split, "count": len(rows), "scores": scores,
+              "baseline": task.baseline(rows, settings.data_root, settings.split), "decoding": decoding,
               "wall_time_s": round(elapsed, 3), "examples_per_s": round(len(rows) / elapsed, 3),
-              "generated_tokens": generated if task_name != "sst2" else None,
-              "generated_tokens_per_s": round(generated / elapsed, 2) if task_name != "sst2" else None}
+              "generated_tokens": None if labels else generated,
+              "generated_tokens_per_s": None if labels else round(generated / elapsed, 2)}
     return result, predictions
-
-
-def _context_ids(enc, row, block_size):
-    """The passage's ids exactly as in the prompt (leading space, same cut)."""
-    ids = enc.encode_ordinary(" " + tasks.source_texts("squad", row)[0])
-    cut = tasks.prompt_ids("squad", row, enc, block_size)[1]
-    return ids[:len(ids) - cut]
 
 
 @torch.no_grad()
@@ -237,7 +198,7 @@ def print_table(result):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", required=True, help=f"{' | '.join(ALL_TASKS)} | owt | all")
+    p.add_argument("--task", required=True, help=f"{' | '.join(tasks.TASKS)} | owt | all")
     p.add_argument("--ckpt", required=True, help="a training ckpt.pt or a finetuned model.pt")
     p.add_argument("--split", default="validation")
     p.add_argument("--limit", type=int, help="first N examples (owt: N windows)")
@@ -255,7 +216,7 @@ def parse_args(argv=None):
     src.add_argument("--owt-bin", help="a prepared .bin of uint16 tokens (e.g. data/owt/val.bin)")
     src.add_argument("--owt-text", help="raw text: a file, folder or glob of .txt/.jsonl[.gz]/.parquet")
     args = p.parse_args(argv)
-    valid = (*ALL_TASKS, "owt", "all")
+    valid = (*tasks.TASKS, "owt", "all")
     if args.task not in valid:
         raise UserError(f"unknown task {args.task!r}; valid tasks: {', '.join(valid)}")
     for name in ("limit", "batch_size", "num_beams", "max_new_tokens"):
@@ -274,7 +235,7 @@ def main(argv=None):
     args = parse_args(argv)
     names = [args.task]
     if args.task == "all":
-        names = list(ALL_TASKS) + (["owt"] if args.owt_bin or args.owt_text else [])
+        names = list(tasks.TASKS) + (["owt"] if args.owt_bin or args.owt_text else [])
     ckpt = load_checkpoint(args.ckpt)
     data = {}  # every task's rows before the model: a data problem fails fast
     for name in (n for n in names if n != "owt"):
@@ -283,13 +244,11 @@ def main(argv=None):
             raise UserError(f"{name} has no split {args.split!r}; choose one of {', '.join(task.splits)}")
         if args.split in task.unlabelled_splits:
             raise UserError(f"{name} split {args.split!r} is unlabelled and cannot be scored; "
-                            f"use {', '.join(tasks.EVAL_SPLITS[name])}")
-        if args.split not in tasks.EVAL_SPLITS[name]:
+                            f"use {', '.join(task.eval_splits)}")
+        if args.split not in task.eval_splits:
             print(f"warning: {name} split {args.split!r} is not an evaluation split "
-                  f"({', '.join(tasks.EVAL_SPLITS[name])})", file=sys.stderr)
-        source = (tasks.local_file(name, args.split, args.data_root) if args.data_root else
-                  f"hub:{task.hub_path}" + (f"/{task.hub_config}" if task.hub_config else "") + f" split {args.split}")
-        data[name] = tasks.load_rows(name, args.split, args.data_root, args.limit), source
+                  f"({', '.join(task.eval_splits)})", file=sys.stderr)
+        data[name] = task.load_rows(args.split, args.data_root, args.limit), task.source_name(args.split, args.data_root)
     rt = setup_runtime(args.device, args.dtype)
     model = model_from_checkpoint(ckpt, args.ckpt).to(rt.device).eval()
     version = warn_if_not_finetuned_here(ckpt, args.ckpt)

@@ -85,9 +85,7 @@ def loss_token_fraction(source, n=8):
 
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, sys.argv[1:] if argv is None else argv)
-    names = [n.strip() for n in cfg.tasks.split(",") if n.strip()]
-    for name in names:
-        tasks.get_task(name)
+    names = [task.name for task in tasks.task_list(cfg.tasks)]
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
     torch.manual_seed(cfg.seed)
     model = pretrained_model(cfg)

@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import tasks
 from common import UserError, run_main, write_json
 from config import parse_config
 
@@ -75,9 +76,9 @@ def build_steps(cfg, data_root):
                            (f"_limit{cfg.finetune_limit}" if cfg.finetune_limit else ""))
     root = [f"--data-root={data_root}"] if data_root else []
     pre_cfg, ft_cfg = in_repo(cfg.pretrain_config), in_repo(cfg.finetune_config)
-    task_meta = [os.path.join(ft_data, t, "meta.json") for t in ("cnn_dailymail", "squad", "sst2")]
+    task_meta = [os.path.join(ft_data, t, "meta.json") for t in tasks.TASKS]
     pre_ckpt, model_pt = f"{out}/pretrain/ckpt.pt", f"{out}/finetune/model.pt"
-    evals = [f"{out}/eval/{t}_validation_metrics.json" for t in ("squad", "cnn_dailymail", "sst2")]
+    evals = [f"{out}/eval/{t}_validation_metrics.json" for t in tasks.TASKS]
     return [
         Step("prepare_owt", python_cmd("prepare_owt.py", cfg) + ["--name", cfg.owt_name, "--decontaminate",
                                                                f"--val-fraction={cfg.owt_val_fraction}"]

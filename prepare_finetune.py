@@ -42,15 +42,15 @@ def _init_worker():
 
 def _encode(job):
     """Worker: (task, row, block_size) -> (token bytes, prompt_len, input_cut, target_cut)."""
-    task_name, row, block_size = job
-    ex = tasks.encode_example(task_name, row, _ENC, block_size)
+    task, row, block_size = job
+    ex = task.encode_example(row, _ENC, block_size)
     tokens = np.array(ex["prompt"] + ex["target"], dtype=np.uint16)
     return tokens.tobytes(), len(ex["prompt"]), ex["input_cut"], ex["target_cut"]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tasks", default=",".join(tasks.TASK_NAMES), help="comma-separated task names")
+    p.add_argument("--tasks", default="all", help=f"comma-separated task names ({', '.join(tasks.TASKS)}) or all")
     p.add_argument("--splits", default="train,validation", help="comma-separated split names")
     p.add_argument("--data-root", default=None, help="folder with <task>/<split>.jsonl.gz (default: the hub)")
     p.add_argument("--out-dir", default="data/finetune")
@@ -60,30 +60,30 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def check_rows(task_name, split, rows, source):
-    """Fail early, naming the row, on anything the workers would trip over (e.g. a bad label)."""
+def check_rows(task, rows, source):
+    """Fail early, naming the row, on anything the workers would trip over."""
     for i, row in enumerate(rows):
         try:
-            tasks.training_target(task_name, row)
-            for text in tasks.source_texts(task_name, row):
+            task.training_target(row)
+            for text in task.inputs(row):
                 if not isinstance(text, str):
                     raise UserError(f"an input is {type(text).__name__}, not text")
         except UserError as e:
-            raise UserError(f"{task_name}: {source} row {i + 1}: {e}")
+            raise UserError(f"{task.name}: {source} row {i + 1}: {e}")
         except (AttributeError, TypeError, KeyError, IndexError) as e:
-            raise UserError(f"{task_name}: {source} row {i + 1} is malformed ({type(e).__name__}: {e}); fix the data")
+            raise UserError(f"{task.name}: {source} row {i + 1} is malformed ({type(e).__name__}: {e}); fix the data")
 
 
-def prepare_split(task_name, split, rows, args, pool):
-    prefix = os.path.join(args.out_dir, task_name, split)
+def prepare_split(task, split, rows, args, pool):
+    prefix = os.path.join(args.out_dir, task.name, split)
     index = np.zeros((len(rows), 3), dtype=np.int64)
     offset = target_tokens = n_input_cut = tokens_cut = max_cut = n_target_cut = 0
-    jobs = ((task_name, row, args.block_size) for row in rows)
+    jobs = ((task, row, args.block_size) for row in rows)
     results = pool.imap(_encode, jobs, chunksize=64) if pool is not None else map(_encode, jobs)
     with atomic_path(prefix + ".bin") as tmp_bin:
         with open(tmp_bin, "wb") as f:
             for i, (data, prompt_len, input_cut, target_cut) in enumerate(
-                    tqdm(results, total=len(rows), desc=f"{task_name}/{split}", unit="ex", mininterval=1.0)):
+                    tqdm(results, total=len(rows), desc=f"{task.name}/{split}", unit="ex", mininterval=1.0)):
                 length = len(data) // 2
                 f.write(data)
                 index[i] = (offset, prompt_len, length)
@@ -114,12 +114,10 @@ def prepare_split(task_name, split, rows, args, pool):
 
 def main(argv=None):
     args = parse_args(argv)
-    task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    task_list = tasks.task_list(args.tasks)
     split_names = [s.strip() for s in args.splits.split(",") if s.strip()]
-    if not task_names or not split_names:
-        raise UserError("--tasks and --splits need at least one name each, e.g. --splits train,validation")
-    for t in task_names:
-        tasks.get_task(t)
+    if not split_names:
+        raise UserError("--splits needs at least one name, e.g. --splits train,validation")
     if args.block_size < 64:
         raise UserError(f"--block-size {args.block_size} is too small; use at least 64 (1024 for GPT-2)")
     if args.num_proc < 1:
@@ -137,27 +135,24 @@ def main(argv=None):
     if pool is None:
         _init_worker()
     try:
-        for task_name in task_names:
-            task = tasks.get_task(task_name)
+        for task in task_list:
             stats = {}
             for split in split_names:
                 if split not in task.splits:
-                    print(f"note: {task_name} has no {split!r} split (it has {', '.join(task.splits)}); skipped")
+                    print(f"note: {task.name} has no {split!r} split (it has {', '.join(task.splits)}); skipped")
                     continue
                 if split in task.unlabelled_splits:
-                    print(f"note: {task_name} {split!r} is unlabelled (labels -1); skipped")
+                    print(f"note: {task.name} {split!r} is unlabelled (labels -1); skipped")
                     continue
-                rows = tasks.load_rows(task_name, split, args.data_root, args.limit)
-                source = (tasks.local_file(task_name, split, args.data_root) if args.data_root
-                          else f"{task.hub_path} split {split!r}")
-                check_rows(task_name, split, rows, source)
-                stats[split] = prepare_split(task_name, split, rows, args, pool)
+                rows = task.load_rows(split, args.data_root, args.limit)
+                check_rows(task, rows, task.source_name(split, args.data_root))
+                stats[split] = prepare_split(task, split, rows, args, pool)
                 s = stats[split]
-                print(f"{task_name}/{split}: {s['examples']:,} examples, {s['tokens']:,} tokens "
+                print(f"{task.name}/{split}: {s['examples']:,} examples, {s['tokens']:,} tokens "
                       f"({s['target_fraction']:.1%} target), {s['inputs_cut']:,} inputs cut, "
                       f"{s['targets_cut']:,} targets cut")
             if stats:
-                write_meta(task_name, stats, args)
+                write_meta(task, stats, args)
     finally:
         if pool is not None:
             pool.close()
@@ -165,11 +160,10 @@ def main(argv=None):
     print(f"done in {time.time() - start:.1f}s; wrote {args.out_dir}")
 
 
-def write_meta(task_name, stats, args):
-    task = tasks.get_task(task_name)
-    path = os.path.join(args.out_dir, task_name, "meta.json")
+def write_meta(task, stats, args):
+    path = os.path.join(args.out_dir, task.name, "meta.json")
     meta = {
-        "task": task_name,
+        "task": task.name,
         "tasks_version": tasks.TASKS_VERSION,
         "block_size": args.block_size,
         "tokenizer": "gpt2",

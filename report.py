@@ -19,22 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+import tasks  # noqa: E402
 from common import UserError, atomic_path, run_main  # noqa: E402
-
-TASKS = ("squad", "cnn_dailymail", "sst2")
-COLUMNS = {"squad": ("exact_match", "f1"), "sst2": ("accuracy",),
-           "cnn_dailymail": ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")}
-# Published reference points. pyrouge's ROUGE-L (the papers') is summary-level: rougeLsum here.
-ANCHORS = {
-    "cnn_dailymail": [
-        ("Lead-3, full CNN+DM test (See et al. 2017, \"Get To The Point\")",
-         {"rouge1": 40.34, "rouge2": 17.70, "rougeLsum": 36.57}),
-        ("GPT-2 1.5B zero-shot \"TL;DR:\", CNN+DM test (Radford et al. 2019, Table 4)",
-         {"rouge1": 29.34, "rouge2": 8.27, "rougeLsum": 26.58})],
-    "squad": [("BERT-base, SQuAD v1.1 dev (Devlin et al. 2019)", {"exact_match": 80.8, "f1": 88.5})],
-    "sst2": [("BERT-base, GLUE SST-2 test (Devlin et al. 2019)", {"accuracy": 93.5})],
-}
-
 
 def read_json(path):
     if not os.path.isfile(path):
@@ -167,13 +153,13 @@ def training_record(name, ckpt, train, evals, finetune=False):
     out += table(("", ""), rows)
     if finetune and evals:
         first, last = evals[0], evals[-1]
-        tasks = [k[4:] for k in first if k.startswith("val/")]
+        names = [k[4:] for k in first if k.startswith("val/")]
         best = (ckpt or {}).get("val_losses") or {}
         out += (f"\nPer-task validation loss (target tokens only), iter {first['iter']} -> {last['iter']}"
                 + (f"; model.pt is the best mean (iter {ckpt['iter_num']})" if best else "") + ":\n\n"
                 + table(("task", "start", "end") + (("model.pt",) if best else ()),
                         [(t, fmt(first["val/" + t], 4), fmt(last.get("val/" + t), 4))
-                         + ((fmt(best.get(t), 4),) if best else ()) for t in tasks]))
+                         + ((fmt(best.get(t), 4),) if best else ()) for t in names]))
     return out
 
 
@@ -225,9 +211,9 @@ def scores(evals):
            "like-for-like comparison. Our CNN/DM validation set is CNN-only (no Daily Mail), where Lead-3 "
            "scores lower than on the full CNN+DM test set. Papers' ROUGE-L (pyrouge) is summary-level, "
            "i.e. the rougeLsum column.\n")
-    for task in TASKS:
-        m, cols = evals.get(task), COLUMNS[task]
-        out += f"\n### {task}\n\n"
+    for task in tasks.TASKS.values():
+        m, cols = evals.get(task.name), task.report_metrics
+        out += f"\n### {task.name}\n\n"
         if m is None:
             out += "Not run (no eval metrics file).\n"
             continue
@@ -238,7 +224,7 @@ def scores(evals):
         rows = [("**this model**", m["scores"])]
         if m.get("baseline"):
             rows.append((f"baseline: {m['baseline']['name']}", m["baseline"]["scores"]))
-        rows += ANCHORS[task]
+        rows += list(task.anchors)
         out += table(("system", *cols), [(name, *(fmt(s.get(c)) for c in cols)) for name, s in rows])
     for task, m in evals.items():
         if task.startswith("owt"):
@@ -257,7 +243,7 @@ def samples(eval_dir, n):
     out = "## Sample outputs\n\nThe first examples of each prediction file, unpicked.\n"
     if not os.path.isdir(eval_dir):
         return out + "\nNot run.\n"
-    for task in TASKS:
+    for task in tasks.TASKS:
         path = os.path.join(eval_dir, f"{task}_validation_predictions.jsonl")
         out += f"\n### {task}\n\n"
         if not os.path.isfile(path):

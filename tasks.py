@@ -1,8 +1,11 @@
-"""The finetuning tasks, defined in one place: data loading, prompts, targets and references.
+"""The finetuning tasks, each one object that carries everything task-specific: loading, prompt
+and target, truncation, stop tokens, decoding, scorer and baseline. Every other file iterates
+over the registry TASKS, so a new task is one register(...) call (see tests/test_tasks.py).
 
-prepare_finetune.py builds training data with these functions and evaluate.py builds its
-prompts with them too, so a model is evaluated on byte-for-byte the prompt it was trained on.
-Change a prompt only together with TASKS_VERSION (it is stored in meta.json and checkpoints).
+prepare_finetune.py builds training data with Task.prompt / Task.target_ids and evaluate.py
+builds its prompts with Task.prompt too, so a model is evaluated on byte-for-byte the prompt it
+was trained on. Change a prompt only together with TASKS_VERSION (stored in meta.json and
+checkpoints).
 
 Prompt layout (the pieces are tokenized separately and their ids concatenated):
 
@@ -21,110 +24,303 @@ sentence end that fits (the tokens stay a prefix of the input's own tokens; noth
 re-tokenized), or at a token boundary when no sentence end keeps at least half the room.
 
 Texts vs. tokens: training_target() and references() return plain texts (no leading space);
-the model sees TARGET_PREFIX + text. LABEL_WORDS are token strings, so they carry that space:
-LABEL_WORDS["sst2"][label] == TARGET_PREFIX + training_target("sst2", row).
+the model sees TARGET_PREFIX + text. A classification task's label_words are token strings, so
+they carry that space: label_words[label] == TARGET_PREFIX + training_target(row).
 """
 import gzip
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from common import EOT, UserError
 
 TASKS_VERSION = 1
-TASK_NAMES = ("cnn_dailymail", "squad", "sst2")
-EVAL_SPLITS = {"cnn_dailymail": ["validation", "test"], "squad": ["validation"], "sst2": ["validation"]}
-LABEL_WORDS = {"sst2": (" negative", " positive")}  # index = label (0 negative, 1 positive)
 TARGET_PREFIX = " "  # the target text follows the separator after one space
+NEWLINES = (198, 628)  # "\n" and "\n\n"
+
+
+class Prompt(NamedTuple):
+    ids: list  # token ids of the whole prompt
+    cut: int  # input tokens cut to leave room for the target
+    input_span: tuple  # (start, end) of the (possibly cut) input within ids
 
 
 @dataclass(frozen=True)
 class Task:
+    """What every task has. Subclasses say how a row becomes inputs, references and scores."""
     name: str
     hub_path: str
     hub_config: Optional[str]
     local_dir: str                   # <data_root>/<local_dir>/<split>.jsonl.gz
     splits: tuple                    # splits that exist
-    unlabelled_splits: tuple         # splits without targets (never used for training)
+    eval_splits: tuple               # splits with references, for scoring (the first is the default)
     required_fields: tuple
     max_target_tokens: int           # cap on target length, EOT included
     max_new_tokens: int              # generation length at evaluation
     instruction: str
     input_label: str                 # "Article", "Passage", "Sentence"
     separator: str                   # e.g. "\n\nSummary:" (the target follows after a space)
+    unlabelled_splits: tuple = ()    # splits without targets (never used for training)
     question_label: Optional[str] = None
+    id_field: str = "id"
+    stop_tokens: tuple = (EOT,)      # generation ends at any of these
+    label_words: Optional[tuple] = None  # classification: scored by label likelihood, nothing generated
+    extractive: bool = False         # answers are spans of the input (allows --constrained decoding)
+    report_metrics: tuple = ()       # score columns in REPORT.md, in order
+    anchors: tuple = ()              # (published system, {metric: value}) reference points
+
+    def inputs(self, row):
+        """The example's input texts as used in the prompt (also what decontamination looks for)."""
+        raise NotImplementedError
+
+    def references(self, row):
+        """Reference texts for scoring (plain text, no leading space)."""
+        raise NotImplementedError
+
+    def score(self, predictions, references):
+        raise NotImplementedError
+
+    def baseline(self, rows, data_root=None, split=None):
+        """{"name", "scores"} of a trivial baseline, scored by the same code as the model."""
+        raise NotImplementedError
+
+    def check_row(self, row):
+        """Raise UserError(reason) when a row cannot be used (beyond missing fields)."""
+
+    def example_id(self, row):
+        return str(row[self.id_field])
+
+    def training_target(self, row):
+        """The text the model learns to write after the separator (TARGET_PREFIX is added)."""
+        return self.references(row)[0]
+
+    # ------------------------------------------------------------------------- tokens
+
+    def _pieces(self, row):
+        """(head, input, question or None, separator) texts of the prompt."""
+        texts = self.inputs(row)
+        question = f"\n\n{self.question_label}: {texts[1]}" if self.question_label else None
+        return f"{self.instruction}\n\n{self.input_label}:", " " + texts[0], question, self.separator
+
+    def prompt_text(self, row):
+        """The whole prompt as text, before any cutting (for reading and debugging)."""
+        return "".join(p for p in self._pieces(row) if p is not None)
+
+    def prompt(self, row, enc, block_size):
+        """The prompt's ids, cut so that the longest target still fits in block_size. Depends only
+        on the row's inputs and block_size (never on the target)."""
+        head, text, question, separator = self._pieces(row)
+        head_ids, input_ids, sep_ids = (enc.encode_ordinary(t) for t in (head, text, separator))
+        question_ids = enc.encode_ordinary(question) if question is not None else []
+        budget = block_size - self.max_target_tokens - len(head_ids) - len(question_ids) - len(sep_ids)
+        if budget < 1:
+            raise UserError(f"block size {block_size} leaves no room for the {self.name} input "
+                            f"(example {self.example_id(row)}); use a larger --block-size")
+        cut = 0
+        if len(input_ids) > budget:
+            keep = _cut_point(enc, input_ids, budget)
+            cut, input_ids = len(input_ids) - keep, input_ids[:keep]
+        span = (len(head_ids), len(head_ids) + len(input_ids))
+        return Prompt(head_ids + input_ids + question_ids + sep_ids, cut, span)
+
+    def target_ids(self, row, enc):
+        """TARGET_PREFIX + training target, then EOT, capped at max_target_tokens (a cut target
+        still ends with EOT). Returns (ids, was_cut)."""
+        ids = enc.encode_ordinary(TARGET_PREFIX + self.training_target(row))
+        room = self.max_target_tokens - 1
+        return ids[:room] + [EOT], len(ids) > room
+
+    def encode_example(self, row, enc, block_size):
+        prompt = self.prompt(row, enc, block_size)
+        target, target_cut = self.target_ids(row, enc)
+        return dict(prompt=prompt.ids, target=target, input_cut=prompt.cut, target_cut=target_cut)
+
+    # ------------------------------------------------------------------------- loading
+
+    def local_file(self, split, data_root):
+        """<data_root>/<local_dir>/<split>.jsonl.gz, else .jsonl (None if neither)."""
+        base = os.path.join(data_root, self.local_dir, split)
+        return next((p for p in (base + ".jsonl.gz", base + ".jsonl") if os.path.isfile(p)), None)
+
+    def source_name(self, split, data_root):
+        if data_root:
+            return self.local_file(split, data_root)
+        return f"hub:{self.hub_path}" + (f"/{self.hub_config}" if self.hub_config else "") + f" split {split}"
+
+    def load_rows(self, split, data_root=None, limit=None):
+        """The rows of one split as dicts: from the hub, or from <data_root>/<local_dir>/<split>.jsonl[.gz]."""
+        if data_root is None:
+            rows, source = _load_hub(self, split, limit), f"{self.hub_path} split {split!r}"
+        else:
+            source = self.local_file(split, data_root)
+            if source is None:
+                want = os.path.join(data_root, self.local_dir, split + ".jsonl.gz")
+                raise UserError(f"missing data file {want} (or .jsonl); point --data-root at the folder "
+                                f"holding {self.local_dir}/, or leave it out to load from the hub")
+            rows = _load_jsonl(source, limit)
+        if not rows:
+            raise UserError(f"{self.name} split {split!r} in {source} has no rows; check the file or the split name")
+        for i, row in enumerate(rows):
+            missing = [f for f in self.required_fields if f not in row or row[f] is None]
+            if missing:
+                raise UserError(f"{self.name}: {source} row {i + 1} has no field {missing[0]!r}; "
+                                f"each row needs {', '.join(self.required_fields)}")
+            if split not in self.unlabelled_splits:
+                try:
+                    self.check_row(row)
+                except UserError as e:
+                    raise UserError(f"{self.name}: {source} row {i + 1}: {e}") from None
+        return rows
 
 
-TASKS = {
-    "cnn_dailymail": Task(
-        name="cnn_dailymail", hub_path="abisee/cnn_dailymail", hub_config="3.0.0",
-        local_dir="cnn_dailymail", splits=("train", "validation", "test"), unlabelled_splits=(),
-        required_fields=("id", "article", "highlights"),
-        max_target_tokens=128, max_new_tokens=128,
-        instruction="Summarize the following news article.", input_label="Article",
-        separator="\n\nSummary:"),
-    "squad": Task(
-        name="squad", hub_path="rajpurkar/squad", hub_config=None,
-        local_dir="squad", splits=("train", "validation"), unlabelled_splits=(),
-        required_fields=("id", "context", "question", "answers"),
-        max_target_tokens=32, max_new_tokens=32,
-        instruction="Answer the question with a short span copied from the passage.",
-        input_label="Passage", question_label="Question", separator="\n\nAnswer:"),
-    "sst2": Task(
-        name="sst2", hub_path="nyu-mll/glue", hub_config="sst2",
-        local_dir="glue_sst2", splits=("train", "validation", "test"), unlabelled_splits=("test",),
-        required_fields=("idx", "sentence", "label"),
-        max_target_tokens=2, max_new_tokens=2,
-        instruction="Is the sentiment of this sentence positive or negative?", input_label="Sentence",
-        separator="\n\nSentiment:"),
-}
-assert tuple(TASKS) == TASK_NAMES
+@dataclass(frozen=True)
+class Summarization(Task):
+    input_field: str = "article"
+    target_field: str = "highlights"
+    report_metrics: tuple = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
+
+    def inputs(self, row):
+        return [row[self.input_field].strip()]
+
+    def references(self, row):
+        return [row[self.target_field].strip()]
+
+    def score(self, predictions, references):
+        import metrics
+        return metrics.summarization_scores(predictions, [r[0] for r in references])
+
+    def baseline(self, rows, data_root=None, split=None):
+        import metrics
+        preds = [metrics.lead3(self.inputs(r)[0]) for r in rows]
+        return {"name": "lead-3", "scores": self.score(preds, [self.references(r) for r in rows])}
+
+
+@dataclass(frozen=True)
+class ExtractiveQA(Task):
+    stop_tokens: tuple = (EOT, *NEWLINES)  # an answer is one line
+    extractive: bool = True
+    report_metrics: tuple = ("exact_match", "f1")
+
+    def inputs(self, row):
+        return [row["context"].strip(), row["question"].strip()]
+
+    def references(self, row):
+        return [t.strip() for t in row["answers"]["text"]]
+
+    def check_row(self, row):
+        if not (isinstance(row["answers"], dict) and row["answers"].get("text")):
+            raise UserError("it has no answers.text; each row needs at least one answer")
+
+    def score(self, predictions, references):
+        import metrics
+        return metrics.squad_scores(predictions, references)
+
+    def baseline(self, rows, data_root=None, split=None):
+        import metrics
+        preds = [metrics.question_overlap_sentence(*self.inputs(r)) for r in rows]
+        return {"name": "question-overlap sentence", "scores": self.score(preds, [self.references(r) for r in rows])}
+
+
+@dataclass(frozen=True)
+class Classification(Task):
+    input_field: str = "sentence"
+    report_metrics: tuple = ("accuracy",)
+
+    def inputs(self, row):
+        return [row[self.input_field].strip()]
+
+    def label(self, row):
+        """The label as an index into label_words (files may hold it as int or string like '1')."""
+        label = row.get("label")
+        try:
+            value = int(label)
+        except (TypeError, ValueError):
+            value = None
+        if value not in range(len(self.label_words)) or isinstance(label, float) and label != value:
+            raise UserError(f"{self.name} example {self.id_field}={row.get(self.id_field)!r} has label {label!r}, "
+                            f"expected {' or '.join(map(str, range(len(self.label_words))))} (test rows are "
+                            f"unlabelled: use train or validation)")
+        return value
+
+    def check_row(self, row):
+        self.label(row)
+
+    def references(self, row):
+        return [self.label_words[self.label(row)].strip()]
+
+    def score(self, predictions, references):
+        import metrics
+        return metrics.accuracy(predictions, [r[0] for r in references])
+
+    def baseline(self, rows, data_root=None, split=None):
+        import metrics
+        labels = [self.label(r) for r in rows]
+        try:
+            train = self.load_rows("train", data_root)
+            majority, source = metrics.majority_label([self.label(r) for r in train]), "train split"
+        except UserError as e:
+            print(f"warning: {self.name} train labels unavailable ({e}); the majority baseline uses the "
+                  f"{split} labels instead", file=sys.stderr)
+            majority, source = metrics.majority_label(labels), f"{split} split (train unavailable)"
+        word = self.label_words[majority].strip()
+        return {"name": f"majority class ({word}, from {source})",
+                "scores": self.score([word] * len(rows), [self.references(r) for r in rows])}
+
+
+TASKS = {}
+
+
+def register(task):
+    """Add a task to the registry (replacing one of the same name)."""
+    TASKS[task.name] = task
+    return task
+
+
+register(Summarization(
+    name="cnn_dailymail", hub_path="abisee/cnn_dailymail", hub_config="3.0.0", local_dir="cnn_dailymail",
+    splits=("train", "validation", "test"), eval_splits=("test", "validation"),
+    required_fields=("id", "article", "highlights"), max_target_tokens=128, max_new_tokens=128,
+    instruction="Summarize the following news article.", input_label="Article", separator="\n\nSummary:",
+    anchors=(("Lead-3, full CNN+DM test (See et al. 2017, \"Get To The Point\")",
+              {"rouge1": 40.34, "rouge2": 17.70, "rougeLsum": 36.57}),
+             ("GPT-2 1.5B zero-shot \"TL;DR:\", CNN+DM test (Radford et al. 2019, Table 4)",
+              {"rouge1": 29.34, "rouge2": 8.27, "rougeLsum": 26.58}))))
+register(ExtractiveQA(
+    name="squad", hub_path="rajpurkar/squad", hub_config=None, local_dir="squad",
+    splits=("train", "validation"), eval_splits=("validation",),
+    required_fields=("id", "context", "question", "answers"), max_target_tokens=32, max_new_tokens=32,
+    instruction="Answer the question with a short span copied from the passage.",
+    input_label="Passage", question_label="Question", separator="\n\nAnswer:",
+    anchors=(("BERT-base, SQuAD v1.1 dev (Devlin et al. 2019)", {"exact_match": 80.8, "f1": 88.5}),)))
+register(Classification(
+    name="sst2", hub_path="nyu-mll/glue", hub_config="sst2", local_dir="glue_sst2",
+    splits=("train", "validation", "test"), eval_splits=("validation",), unlabelled_splits=("test",),
+    required_fields=("idx", "sentence", "label"), id_field="idx", max_target_tokens=2, max_new_tokens=2,
+    instruction="Is the sentiment of this sentence positive or negative?", input_label="Sentence",
+    separator="\n\nSentiment:", label_words=(" negative", " positive"),  # index = label
+    anchors=(("BERT-base, GLUE SST-2 test (Devlin et al. 2019)", {"accuracy": 93.5}),)))
 
 
 def get_task(name):
     if name not in TASKS:
-        raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(TASK_NAMES)}")
+        raise UserError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
     return TASKS[name]
 
 
+def task_list(names):
+    """Task objects from a comma-separated string of names ("" or "all": every registered task)."""
+    names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names or names == ["all"]:
+        return list(TASKS.values())
+    return [get_task(n) for n in names]
+
+
 # ----------------------------------------------------------------------------- loading
-
-def local_file(task_name, split, data_root):
-    """The local file for a split: <data_root>/<local_dir>/<split>.jsonl.gz, else .jsonl (None if neither)."""
-    base = os.path.join(data_root, get_task(task_name).local_dir, split)
-    for path in (base + ".jsonl.gz", base + ".jsonl"):
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def load_rows(task_name, split, data_root=None, limit=None):
-    """The rows of one split as dicts: from the hub, or from <data_root>/<local_dir>/<split>.jsonl[.gz]."""
-    task = get_task(task_name)
-    if data_root is None:
-        rows, source = _load_hub(task, split, limit), f"{task.hub_path} split {split!r}"
-    else:
-        path = local_file(task_name, split, data_root)
-        if path is None:
-            want = os.path.join(data_root, task.local_dir, split + ".jsonl.gz")
-            raise UserError(f"missing data file {want} (or .jsonl); point --data-root at the folder "
-                            f"holding {task.local_dir}/, or leave it out to load from the hub")
-        rows, source = _load_jsonl(path, limit), path
-    if not rows:
-        raise UserError(f"{task_name} split {split!r} in {source} has no rows; check the file or the split name")
-    for i, row in enumerate(rows):
-        for field in task.required_fields:
-            if field not in row or row[field] is None:
-                raise UserError(f"{task_name}: {source} row {i + 1} has no field {field!r}; "
-                                f"each row needs {', '.join(task.required_fields)}")
-        if task_name == "squad" and not (isinstance(row["answers"], dict) and row["answers"].get("text")):
-            raise UserError(f"squad: {source} row {i + 1} has no answers.text; each row needs at least one answer")
-    return rows
-
 
 def _load_jsonl(path, limit):
     rows = []
@@ -157,52 +353,7 @@ def _load_hub(task, split, limit):
     return [dict(r) for r in ds]
 
 
-# ----------------------------------------------------------------------------- row fields
-
-def label_index(row):
-    """SST-2 label as 0/1 (the files may hold it as int or as a string like '1'); UserError otherwise."""
-    label = row.get("label")
-    try:
-        value = int(label)
-    except (TypeError, ValueError):
-        value = None
-    if value not in (0, 1) or isinstance(label, float) and label != value:
-        raise UserError(f"sst2 example idx={row.get('idx')!r} has label {label!r}, expected 0 or 1 "
-                        f"(test rows are unlabelled: use train or validation)")
-    return value
-
-
-def source_texts(task_name, row):
-    """The example's input texts, as used in the prompt (for decontaminating pretraining data)."""
-    get_task(task_name)
-    if task_name == "cnn_dailymail":
-        return [row["article"].strip()]
-    if task_name == "squad":
-        return [row["context"].strip(), row["question"].strip()]
-    return [row["sentence"].strip()]
-
-
-def example_id(task_name, row):
-    get_task(task_name)
-    return str(row["idx"] if task_name == "sst2" else row["id"])
-
-
-def references(task_name, row):
-    """Reference texts for scoring (plain text, no leading space)."""
-    get_task(task_name)
-    if task_name == "cnn_dailymail":
-        return [row["highlights"].strip()]
-    if task_name == "squad":
-        return [t.strip() for t in row["answers"]["text"]]
-    return [LABEL_WORDS["sst2"][label_index(row)].strip()]
-
-
-def training_target(task_name, row):
-    """The text the model learns to write after the separator (plain text; TARGET_PREFIX is added)."""
-    return references(task_name, row)[0]
-
-
-# ----------------------------------------------------------------------------- tokens
+# ----------------------------------------------------------------------------- truncation
 
 _SENTENCE_END = re.compile(rb"[.!?][\"')\]]*$")
 _ABBREVIATION = re.compile(rb"(?:^|[\s(\"'])(?:[A-Za-z]|Mr|Mrs|Ms|Dr|St|Jr|Sr|vs|No|Gen|Sen|Rep|Gov|Lt|Col|"
@@ -220,53 +371,6 @@ def _cut_point(enc, ids, budget):
         if _SENTENCE_END.search(tail) and not _ABBREVIATION.search(tail.rstrip(b"\"')]")):
             return k
     return budget
-
-
-def _pieces(task, row):
-    """(head, input, question or None, separator) texts of the prompt."""
-    head = f"{task.instruction}\n\n{task.input_label}:"
-    texts = source_texts(task.name, row)
-    question = f"\n\n{task.question_label}: {texts[1]}" if task.question_label else None
-    return head, " " + texts[0], question, task.separator
-
-
-def prompt_text(task_name, row):
-    """The whole prompt as text, before any cutting (for reading and debugging)."""
-    return "".join(p for p in _pieces(get_task(task_name), row) if p is not None)
-
-
-def prompt_ids(task_name, row, enc, block_size):
-    """The prompt's token ids and how many input tokens were cut to leave room for the target.
-
-    Depends only on the row's inputs and block_size (never on the target)."""
-    task = get_task(task_name)
-    head, text, question, separator = _pieces(task, row)
-    head_ids, input_ids, sep_ids = enc.encode_ordinary(head), enc.encode_ordinary(text), enc.encode_ordinary(separator)
-    question_ids = enc.encode_ordinary(question) if question is not None else []
-    budget = block_size - task.max_target_tokens - len(head_ids) - len(question_ids) - len(sep_ids)
-    if budget < 1:
-        raise UserError(f"block size {block_size} leaves no room for the {task_name} input "
-                        f"(example {example_id(task_name, row)}); use a larger --block-size")
-    cut = 0
-    if len(input_ids) > budget:
-        keep = _cut_point(enc, input_ids, budget)
-        cut, input_ids = len(input_ids) - keep, input_ids[:keep]
-    return head_ids + input_ids + question_ids + sep_ids, cut
-
-
-def target_ids(task_name, row, enc):
-    """TARGET_PREFIX + training target, then EOT, capped at max_target_tokens (a cut target still
-    ends with EOT). Returns (ids, was_cut)."""
-    task = get_task(task_name)
-    ids = enc.encode_ordinary(TARGET_PREFIX + training_target(task_name, row))
-    room = task.max_target_tokens - 1
-    return ids[:room] + [EOT], len(ids) > room
-
-
-def encode_example(task_name, row, enc, block_size):
-    prompt, input_cut = prompt_ids(task_name, row, enc, block_size)
-    target, target_cut = target_ids(task_name, row, enc)
-    return dict(prompt=prompt, target=target, input_cut=input_cut, target_cut=target_cut)
 
 
 # ----------------------------------------------------------------------------- prepared data

@@ -88,7 +88,7 @@ def bench_cache(args, device):
 def bench_squad(args, device):
     rt = setup_runtime(args.device, num_threads=args.threads)
     model, _ = load_model(args.ckpt, rt.device)
-    rows = tasks.load_rows("squad", "validation", args.data_root)
+    rows = tasks.get_task("squad").load_rows("validation", args.data_root)
     total, timed = len(rows), rows[:args.limit] if args.limit else rows
     settings = evaluate.EvalSettings(batch_size=args.batch_size, data_root=args.data_root)
     start = time.perf_counter()

@@ -99,7 +99,7 @@ def test_label_logprobs_match_a_full_forward_and_pick_the_argmax(shared_data):
         assert lp[i, j].item() == pytest.approx(sequence_logprob(model, PROMPTS[i], labels[j]), abs=1e-4)
     # evaluate_task's SST-2 prediction is the more likely label word
     model = tiny(vocab_size=50304, block_size=128)
-    rows = tasks.load_rows("sst2", "validation", str(shared_data), limit=6)
+    rows = tasks.get_task("sst2").load_rows("validation", str(shared_data), limit=6)
     settings = evaluate.EvalSettings(batch_size=4, data_root=str(shared_data), progress=False)
     result, preds = evaluate.evaluate_task(model, get_tokenizer(), "sst2", rows, settings)
     for p in preds:

@@ -313,10 +313,10 @@ def test_load_eval_index_uses_tasks(monkeypatch):
     data_root = SHARED / "data"
     if not (data_root / "glue_sst2").is_dir():
         pytest.skip("../shared/data/glue_sst2 not found")
-    monkeypatch.setattr(tasks, "EVAL_SPLITS", {"sst2": ["validation"]})
+    monkeypatch.setattr(tasks, "TASKS", {"sst2": tasks.TASKS["sst2"]})
     index = decontaminate.load_eval_index(data_root=str(data_root))
-    sentences = [t for row in tasks.load_rows("sst2", "validation", data_root=str(data_root))
-                 for t in tasks.source_texts("sst2", row)]
+    sst2 = tasks.get_task("sst2")
+    sentences = [t for row in sst2.load_rows("validation", data_root=str(data_root)) for t in sst2.inputs(row)]
     n_grams = {h for t in sentences for h in decontaminate.ngram_hashes(t).tolist()}
     assert len(index) == len(n_grams) > 0
     long = next(t for t in sentences if len(decontaminate.normalize_words(t)) >= 13)

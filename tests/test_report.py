@@ -12,6 +12,7 @@ import torch
 import evaluate
 import metrics
 import report
+import tasks
 from common import UserError
 from config import FinetuneConfig, TrainConfig
 from conftest import ROOT
@@ -47,7 +48,7 @@ def save_checkpoint(path, cfg, **extra):
 def eval_result(task, scores, base):
     """A metrics JSON shaped exactly as evaluate.main writes it."""
     return {"task": task, "split": "validation", "count": 2, "scores": scores, "baseline": base,
-            "decoding": evaluate.decoding_settings(task, evaluate.EvalSettings()), "wall_time_s": 1.5,
+            "decoding": evaluate.decoding_settings(tasks.get_task(task), evaluate.EvalSettings()), "wall_time_s": 1.5,
             "examples_per_s": 1.3, "generated_tokens": None, "generated_tokens_per_s": None,
             "checkpoint": {"path": "/x/model.pt", "sha256": "0123456789abcdef"}, "tasks_version": 1,
             "checkpoint_tasks_version": 1, "device": "cpu", "dtype": "float32", "data_source": f"../shared/{task}"}

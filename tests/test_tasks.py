@@ -59,30 +59,30 @@ def prepared(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("task", tasks.TASK_NAMES)
+@pytest.mark.parametrize("task", list(tasks.TASKS))
 def test_prepared_examples_are_prompt_plus_target(prepared, enc, task):
     meta = json.loads((prepared / task / "meta.json").read_text())
     assert meta["tasks_version"] == tasks.TASKS_VERSION and meta["block_size"] == 1024
     for split in ("train", "validation"):
         assert meta["splits"][split]["examples"] == LIMIT
-        rows = tasks.load_rows(task, split, DATA, limit=LIMIT)
+        rows = tasks.get_task(task).load_rows(split, DATA, limit=LIMIT)
         data = tasks.FinetuneSplit(str(prepared / task / split))
         assert len(data) == len(rows)
         n_uncut = 0
         for i, row in enumerate(rows):
             tokens, plen = data.example(i)
             assert len(tokens) <= 1024 and tokens[-1] == EOT
-            # the prompt in the .bin is what evaluate.py rebuilds with prompt_ids
-            ids, cut = tasks.prompt_ids(task, row, enc, 1024)
+            # the prompt in the .bin is what evaluate.py rebuilds with Task.prompt
+            ids, cut, _ = tasks.get_task(task).prompt(row, enc, 1024)
             assert tokens[:plen].tolist() == ids
             # the loss region is exactly the target + EOT
-            assert tokens[plen:].tolist() == enc.encode_ordinary(" " + tasks.training_target(task, row)) + [EOT]
+            assert tokens[plen:].tolist() == enc.encode_ordinary(" " + tasks.get_task(task).training_target(row)) + [EOT]
             prompt, target = hand_built(task, row)
             assert enc.decode(tokens[plen:].tolist()) == target
             if cut == 0:
                 n_uncut += 1
                 assert enc.decode(tokens.tolist()) == prompt + target
-                assert tasks.prompt_text(task, row) == prompt
+                assert tasks.get_task(task).prompt_text(row) == prompt
             else:  # a cut article: the kept text is a prefix of the article, the rest intact
                 head = HEADS[task]
                 text = enc.decode(tokens[:plen].tolist())[len(head):-len(SEPS[task])]
@@ -92,22 +92,23 @@ def test_prepared_examples_are_prompt_plus_target(prepared, enc, task):
 
 
 def test_labels_and_references(enc):
+    sst2, squad = tasks.get_task("sst2"), tasks.get_task("squad")
     row = {"sentence": " a gem . ", "label": "1", "idx": 7}
-    assert tasks.training_target("sst2", row) == "positive" and tasks.references("sst2", row) == ["positive"]
-    assert tasks.LABEL_WORDS["sst2"][1] == tasks.TARGET_PREFIX + "positive"
-    assert tasks.target_ids("sst2", row, enc) == ([enc.encode_ordinary(" positive")[0], EOT], False)
-    assert tasks.example_id("sst2", row) == "7" and tasks.source_texts("sst2", row) == ["a gem ."]
-    words = [enc.encode_ordinary(w) for w in tasks.LABEL_WORDS["sst2"]]
+    assert sst2.training_target(row) == "positive" and sst2.references(row) == ["positive"]
+    assert sst2.label_words[1] == tasks.TARGET_PREFIX + "positive"
+    assert sst2.target_ids(row, enc) == ([enc.encode_ordinary(" positive")[0], EOT], False)
+    assert sst2.example_id(row) == "7" and sst2.inputs(row) == ["a gem ."]
+    words = [enc.encode_ordinary(w) for w in sst2.label_words]
     assert all(len(w) == 1 for w in words) and words[0] != words[1]
-    assert tasks.label_index({"label": 0}) == 0
+    assert sst2.label({"label": 0}) == 0
     for bad in (-1, "-1", 2, None, "x"):
         with pytest.raises(UserError, match="expected 0 or 1"):
-            tasks.label_index({"label": bad, "idx": 0})
-    squad = tasks.load_rows("squad", "validation", DATA, limit=1)[0]
-    assert tasks.references("squad", squad) == [t.strip() for t in squad["answers"]["text"]]
-    assert tasks.source_texts("squad", squad) == [squad["context"].strip(), squad["question"].strip()]
+            sst2.label({"label": bad, "idx": 0})
+    row = squad.load_rows("validation", DATA, limit=1)[0]
+    assert squad.references(row) == [t.strip() for t in row["answers"]["text"]]
+    assert squad.inputs(row) == [row["context"].strip(), row["question"].strip()]
     assert tasks.get_task("cnn_dailymail").max_target_tokens == 128
-    assert set(tasks.EVAL_SPLITS) == set(tasks.TASK_NAMES) == set(tasks.TASKS)
+    assert [t.name for t in tasks.task_list("all")] == list(tasks.TASKS) == ["cnn_dailymail", "squad", "sst2"]
 
 
 def test_long_article_is_cut_at_a_sentence_end(enc):
@@ -115,8 +116,9 @@ def test_long_article_is_cut_at_a_sentence_end(enc):
     sep = enc.encode_ordinary(SEPS["cnn_dailymail"])
     room = 300 - 128 - len(head) - len(sep)  # input tokens that fit in block 300
     shorter = 0
-    for row in tasks.load_rows("cnn_dailymail", "validation", DATA, limit=5):
-        ids, cut = tasks.prompt_ids("cnn_dailymail", row, enc, 300)
+    cnn = tasks.get_task("cnn_dailymail")
+    for row in cnn.load_rows("validation", DATA, limit=5):
+        ids, cut, span = cnn.prompt(row, enc, 300)
         assert cut > 0 and len(ids) + 128 <= 300
         assert ids[:len(head)] == head and ids[-len(sep):] == sep
         kept = ids[len(head):-len(sep)]
@@ -126,22 +128,23 @@ def test_long_article_is_cut_at_a_sentence_end(enc):
         assert text.rstrip("\"')").endswith((".", "!", "?"))  # a sentence end ...
         assert len(kept) >= room // 2  # ... keeping at least half the room
         shorter += len(kept) < room
-        ex = tasks.encode_example("cnn_dailymail", row, enc, 300)
+        assert ids[slice(*span)] == kept  # the input span names exactly the kept article tokens
+        ex = cnn.encode_example(row, enc, 300)
         assert len(ex["prompt"]) + len(ex["target"]) <= 300 and ex["input_cut"] == cut
     assert shorter >= 3  # a token-boundary cut would fill the room exactly
 
 
 def test_cut_falls_back_to_a_token_boundary(enc):
     row = {"id": "x", "article": "word " * 3000, "highlights": "short"}
-    ids, cut = tasks.prompt_ids("cnn_dailymail", row, enc, 256)
+    ids, cut, _ = tasks.get_task("cnn_dailymail").prompt(row, enc, 256)
     assert len(ids) + 128 == 256 and cut == 3000 - (len(ids) - len(enc.encode_ordinary(HEADS["cnn_dailymail"]
                                                                                        .rstrip(" ") + SEPS["cnn_dailymail"])))
 
 
 def test_squad_question_is_never_cut(enc):
-    rows = tasks.load_rows("squad", "validation", DATA, limit=200)
-    row = max(rows, key=lambda r: len(r["context"]))
-    ids, cut = tasks.prompt_ids("squad", row, enc, 128)
+    squad = tasks.get_task("squad")
+    row = max(squad.load_rows("validation", DATA, limit=200), key=lambda r: len(r["context"]))
+    ids, cut, _ = squad.prompt(row, enc, 128)
     tail = enc.encode_ordinary("\n\nQuestion: " + row["question"].strip()) + enc.encode_ordinary(SEPS["squad"])
     assert cut > 0 and len(ids) + 32 <= 128 and ids[-len(tail):] == tail
     assert ids[:6] == enc.encode_ordinary(HEADS["squad"].rstrip(" "))[:6]
@@ -149,13 +152,14 @@ def test_squad_question_is_never_cut(enc):
 
 def test_long_target_is_cut_and_ends_with_eot(enc):
     row = {"id": "x", "article": "A short story.", "highlights": "Many words here . " * 200}
-    ids, was_cut = tasks.target_ids("cnn_dailymail", row, enc)
+    ids, was_cut = tasks.get_task("cnn_dailymail").target_ids(row, enc)
     assert was_cut and len(ids) == 128 and ids[-1] == EOT and EOT not in ids[:-1]
     assert ids[:-1] == enc.encode_ordinary(" " + row["highlights"].strip())[:127]
-    ex = tasks.encode_example("squad", {"id": "q", "context": "c.", "question": "q?",
+    squad = tasks.get_task("squad")
+    ex = squad.encode_example({"id": "q", "context": "c.", "question": "q?",
                                         "answers": {"text": ["x " * 100], "answer_start": [0]}}, enc, 1024)
     assert ex["target_cut"] and len(ex["target"]) == 32 and ex["target"][-1] == EOT and ex["input_cut"] == 0
-    assert tasks.target_ids("squad", {"answers": {"text": ["Denver Broncos"]}}, enc)[1] is False
+    assert squad.target_ids({"answers": {"text": ["Denver Broncos"]}}, enc)[1] is False
 
 
 def write_jsonl_gz(path, rows):
@@ -169,21 +173,21 @@ def test_bad_input_gives_clear_errors(tmp_path, enc):
     with pytest.raises(UserError, match="unknown task 'cnn'; valid tasks: cnn_dailymail, squad, sst2"):
         tasks.get_task("cnn")
     with pytest.raises(UserError, match=r"missing data file .*squad/train\.jsonl\.gz.*--data-root"):
-        tasks.load_rows("squad", "train", tmp_path)
+        tasks.get_task("squad").load_rows("train", tmp_path)
     write_jsonl_gz(tmp_path / "glue_sst2" / "validation.jsonl.gz", [])
     with pytest.raises(UserError, match="has no rows"):
-        tasks.load_rows("sst2", "validation", tmp_path)
+        tasks.get_task("sst2").load_rows("validation", tmp_path)
     bad = tmp_path / "cnn_dailymail" / "train.jsonl.gz"
     write_jsonl_gz(bad, [{"id": "a", "article": "x.", "highlights": "y"}, {"id": "b", "article": "x."}])
     with pytest.raises(UserError, match=f"cnn_dailymail: {bad} row 2 has no field 'highlights'"):
-        tasks.load_rows("cnn_dailymail", "train", tmp_path)
+        tasks.get_task("cnn_dailymail").load_rows("train", tmp_path)
     write_jsonl_gz(tmp_path / "glue_sst2" / "train.jsonl.gz",
                    [{"sentence": "fine", "label": 1, "idx": 0}, {"sentence": "odd", "label": 7, "idx": 1}])
     with pytest.raises(UserError, match=r"sst2: .*train\.jsonl\.gz row 2: .*label 7, expected 0 or 1"):
         prepare_finetune.main(["--tasks", "sst2", "--splits", "train", "--data-root", str(tmp_path),
                                "--out-dir", str(tmp_path / "out"), "--num-proc", "1"])
     with pytest.raises(UserError, match="block size 40 leaves no room"):
-        tasks.prompt_ids("cnn_dailymail", {"id": "a", "article": "x."}, enc, 40)
+        tasks.get_task("cnn_dailymail").prompt({"id": "a", "article": "x."}, enc, 40)
 
 
 def test_script_prints_one_line_error(tmp_path):
@@ -198,7 +202,7 @@ def test_script_prints_one_line_error(tmp_path):
 
 def test_unreachable_hub_is_a_user_error(tmp_path):
     env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    code = "import tasks\ntry:\n tasks.load_rows('sst2','validation')\nexcept tasks.UserError as e:\n print(e)"
+    code = "import tasks\ntry:\n tasks.get_task('sst2').load_rows('validation')\nexcept tasks.UserError as e:\n print(e)"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert "cannot load nyu-mll/glue split 'validation' from the hub" in p.stdout and "--data-root" in p.stdout
 
