@@ -26,9 +26,10 @@ def main(argv=None):
     train_source = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
     val_source = TokenWindows(os.path.join(cfg.data_dir, "val.bin"), cfg.block_size, cfg.batch_size, cfg.seed,
                               split_id=1)
-    train(cfg, model, train_source, {"val": val_source}, rt)
+    losses = train(cfg, model, train_source, {"val": val_source}, rt)
     if rt.ddp:
         torch.distributed.destroy_process_group()
+    return losses
 
 
 if __name__ == "__main__":

@@ -228,9 +228,9 @@ class Run:
         self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        self.iter += 1
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad_iter < 0)
         self.first_bad_iter = torch.where(bad, self.iter, self.first_bad_iter)  # on the device: no sync
-        self.iter += 1
         return loss
 
     def check_finite(self):

@@ -1,4 +1,5 @@
 """Pretraining: configs are validated, runs resume exactly, torchrun DDP keeps replicas in sync."""
+import dataclasses
 import json
 import os
 import signal
@@ -10,8 +11,10 @@ import torch
 
 import train
 import trainer
+from checkpoint import load_checkpoint
 from common import UserError
 from config import FinetuneConfig, TrainConfig, parse_config
+from model import GPT, GPTConfig
 
 from conftest import ROOT, TINY
 
@@ -134,10 +137,15 @@ def test_resume_with_a_different_model_shape_is_a_clear_error(corpus):
                            "--resume"])
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_torchrun_two_processes_see_different_data_and_stay_in_sync(corpus, optimizer):
+@pytest.mark.parametrize("optimizer, extra", [
+    ("adamw", []),
+    # RoPE has a buffer, and one evaluation batch leaves the second process nothing to score:
+    # neither may make the processes' collectives disagree (a hang)
+    ("muon", ["--pos_emb=rope", "--eval_iters=1", "--eval_interval=3"]),
+])
+def test_torchrun_two_processes_see_different_data_and_stay_in_sync(corpus, optimizer, extra):
     args = TINY + [f"--data_dir={corpus}", "--max_iters=6", "--eval_interval=100", "--gradient_accumulation_steps=2",
-                   f"--optimizer={optimizer}"]
+                   f"--optimizer={optimizer}", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     result = subprocess.run(cmd + args + [f"--out_dir={corpus}/ddp"], cwd=ROOT, env=env(),
                             capture_output=True, text=True, timeout=300)
@@ -149,3 +157,60 @@ def test_torchrun_two_processes_see_different_data_and_stay_in_sync(corpus, opti
     train.main(args + [f"--out_dir={corpus}/single"])
     ddp, single = final_weights(corpus / "ddp"), final_weights(corpus / "single")
     assert all(torch.allclose(ddp[k], single[k], atol=1e-5) for k in ddp)
+
+
+# --- safety and the command line ----------------------------------------------------------------
+
+def test_every_model_field_is_a_command_line_option():
+    cfg = parse_config(TrainConfig, ["--pos_emb=rope", "--rope_base=500", "--n_embd=64", "--n_head=4"])
+    model = GPT(GPTConfig(**cfg.model_fields()))
+    assert cfg.rope_base == 500.0 and model.inv_freq[1].item() == pytest.approx(500 ** (-2 / 16))
+    assert set(cfg.model_fields()) == {f.name for f in dataclasses.fields(GPTConfig)}
+
+
+def test_help_lists_every_key_with_type_default_and_meaning():
+    result = subprocess.run([sys.executable, "finetune.py", "--help"], cwd=ROOT, env=env(), capture_output=True,
+                            text=True)
+    assert result.returncode == 0
+    for f in dataclasses.fields(FinetuneConfig):
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(f"--{f.name}="))
+        assert f"default {f.default!r}" in line
+    assert "init_from=str" in result.stdout and "the pretrained checkpoint to start from" in result.stdout
+
+
+def test_a_run_is_never_overwritten_without_being_asked(corpus):
+    args = TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=2"]
+    train.main(args)
+    before = (corpus / "o" / "ckpt.pt").read_bytes()
+    with pytest.raises(UserError, match=r"already holds a run \(ckpt.pt\); pass --resume .*--overwrite"):
+        train.main(args + ["--max_iters=3"])
+    assert (corpus / "o" / "ckpt.pt").read_bytes() == before
+    train.main(args + ["--max_iters=3", "--overwrite"])
+    assert torch.load(corpus / "o" / "ckpt.pt", weights_only=False)["iter_num"] == 3
+
+
+def test_a_damaged_checkpoint_is_refused(corpus):
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=1"])
+    path = corpus / "o" / "best.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2  # inside the token embedding, most of the file
+    data[middle:middle + 5000] = bytes(b ^ 0xFF for b in data[middle:middle + 5000])
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="is damaged"):
+        load_checkpoint(str(path))
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(corpus, monkeypatch):
+    calls = {"n": 0}
+    forward = GPT.forward
+
+    def failing(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        return logits, loss * float("nan") if calls["n"] > 6 and self.training else loss
+
+    monkeypatch.setattr(GPT, "forward", failing)
+    with pytest.raises(UserError, match=r"loss became nan or inf at iteration 4; .*ckpt.pt is the last good"):
+        train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=10", "--eval_interval=3"])
+    ckpt = load_checkpoint(str(corpus / "o" / "ckpt.pt"))  # 2 eval batches at iterations 0 and 3
+    assert ckpt["iter_num"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -1,0 +1,110 @@
+"""What a GPU run takes, exercised on a CPU: the CUDA device setup (with torch.cuda patched), batch
+placement, the KV cache's dtype under autocast, one host sync per logged step, a compiled model
+without graph breaks, bf16 autocast and fp16 with the GradScaler. tests/test_cuda.py runs the
+real thing where CUDA exists."""
+import numpy as np
+import pytest
+import torch
+
+import runtime
+import train
+import trainer
+from data import loss_positions, to_device
+from model import GPT, GPTConfig, KVCache
+
+from conftest import TINY
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32, **kw))
+
+
+def test_a_single_gpu_gets_an_indexed_device(monkeypatch):
+    """torch.cuda.set_device rejects a bare "cuda" device (checked before CUDA is touched)."""
+    chosen = []
+
+    def set_device(device):
+        if torch.device(device).index is None:
+            raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
+        chosen.append(torch.device(device))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    for name in ("auto", "cuda"):
+        rt = runtime.setup_runtime(name)
+        assert rt.device == torch.device("cuda:0") and rt.dtype == torch.bfloat16
+    assert chosen == [torch.device("cuda:0")] * 2
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert runtime.pick_device("cuda", local_rank=3) == torch.device("cuda:3")
+
+
+def test_batches_follow_the_model_to_any_device():
+    batch = (torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), None, None)
+    moved = to_device(batch, torch.device("meta"))  # stands in for mps: any device that is not the CPU
+    assert moved[0].device.type == moved[1].device.type == "meta" and moved[2] is None
+
+
+def test_kv_cache_holds_the_autocast_dtype_and_matches_uncached_generation():
+    model = tiny(pos_emb="rope", qk_norm=True).eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    assert KVCache(model.config, 1, 8, "cpu").k.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert KVCache(model.config, 1, 8, "cpu").k.dtype == torch.bfloat16
+        cached = model.generate(prompts, 10, use_cache=True)
+        uncached = model.generate(prompts, 10, use_cache=False)
+    assert cached == uncached
+
+
+def test_the_loss_index_keeps_a_compiled_forward_in_one_graph():
+    model = tiny()
+    x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    mask = np.zeros((2, 16), dtype=bool)
+    mask[:, 10:] = True
+    rows, weights = loss_positions(mask, bucket=8)
+    explained = torch._dynamo.explain(model)(x, targets=y, loss_rows=rows, loss_weights=weights)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    explained = torch._dynamo.explain(model)(x, targets=y)
+    assert explained.graph_break_count == 0
+
+
+def test_training_syncs_with_the_host_only_at_logged_steps(corpus, monkeypatch):
+    calls = []
+    monkeypatch.setattr(trainer.StopFlag, "agreed", lambda self, rt: calls.append(1) or False)
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=10", "--log_interval=5"])
+    assert len(calls) == 2  # steps 5 and 10, not every step
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_training_runs_and_learns(corpus, dtype):
+    """bf16 autocast, and fp16 autocast with the GradScaler, as on GPUs (here on the CPU)."""
+    out = corpus / dtype
+    losses = train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=20",
+                                "--learning_rate=1e-2", f"--dtype={dtype}"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["config"]["dtype"] == dtype and ckpt["model"]["wte.weight"].dtype == torch.float32
+    assert np.isfinite(losses["val"]) and losses["val"] < 5.0
+    if dtype == "float16":
+        assert ckpt["scaler"]["scale"] > 0  # the scaler ran and was saved for --resume
+
+
+def test_compiled_pretraining_and_finetuning_steps():
+    """torch.compile (inductor, on the CPU here) trains on both kinds of batch like the eager model."""
+    eager, compiled = tiny(), tiny()
+    step = torch.compile(compiled)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, compiled)]
+    x, y = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    mask = np.zeros((2, 16), dtype=bool)
+    mask[:, 9:] = True
+    rows, weights = loss_positions(mask, bucket=32)
+    for kwargs in ({}, {"loss_rows": rows, "loss_weights": weights}):  # pretraining, then finetuning
+        losses = []
+        for model, opt in zip((eager, step), opts):
+            _, loss = model(x, targets=y, **kwargs)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], abs=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager.parameters(), compiled.parameters()))
