@@ -91,6 +91,23 @@ class FinetuneMixture:
         return rows[:, :-1], rows[:, 1:], loss_rows, loss_weights
 
 
+class RandomTokens:
+    """Stand-in batches of random tokens, for benchmarks (speed does not depend on the tokens).
+    loss_fraction > 0 gives finetuning-shaped batches: that share of each row, at its end, carries loss."""
+
+    def __init__(self, block_size, batch_size, seed, loss_fraction=0.0):
+        self.block_size, self.batch_size, self.seed, self.loss_fraction = block_size, batch_size, seed, loss_fraction
+
+    def batch(self, step, micro_step):
+        rng = batch_rng(self.seed, step, micro_step)
+        rows = torch.from_numpy(rng.integers(0, 50257, size=(self.batch_size, self.block_size + 1)))
+        if not self.loss_fraction:
+            return rows[:, :-1], rows[:, 1:], None, None
+        mask = np.zeros((self.batch_size, self.block_size), dtype=bool)
+        mask[:, int(self.block_size * (1 - self.loss_fraction)):] = True
+        return (rows[:, :-1], rows[:, 1:], *loss_positions(mask))
+
+
 def loss_positions(mask, bucket=256):
     """(flat indices, weights) of a (B, T) loss mask: every masked position weighs 1/count, so
     the weighted sum is the mean loss. The index is padded (position 0, weight 0) to a multiple

@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -43,7 +42,7 @@ sys.path.insert(0, ROOT)
 import trainer  # noqa: E402
 from common import UserError, run_main, write_json  # noqa: E402
 from config import TrainConfig, parse_config  # noqa: E402
-from data import TokenWindows  # noqa: E402
+from data import RandomTokens, TokenWindows  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import peak_flops, setup_runtime  # noqa: E402
 
@@ -61,18 +60,6 @@ def parse_args(argv=None):
     if bad:
         p.error(f"unexpected arguments {bad}; config overrides are --key=value")
     return args, overrides
-
-
-class RandomTokens:
-    """Stand-in batches when data_dir has no train.bin (speed does not depend on the tokens)."""
-
-    def __init__(self, block_size, batch_size, seed):
-        self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
-
-    def batch(self, step, micro_step):
-        rng = np.random.default_rng([self.seed, step, micro_step])
-        rows = torch.from_numpy(rng.integers(0, 50257, size=(self.batch_size, self.block_size + 1)))
-        return rows[:, :-1], rows[:, 1:], None, None
 
 
 def sync(device):

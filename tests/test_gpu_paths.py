@@ -2,6 +2,11 @@
 placement, the KV cache's dtype under autocast, one host sync per logged step, a compiled model
 without graph breaks, bf16 autocast and fp16 with the GradScaler. tests/test_cuda.py runs the
 real thing where CUDA exists."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +17,7 @@ import trainer
 from data import loss_positions, to_device
 from model import GPT, GPTConfig, KVCache
 
-from conftest import TINY
+from conftest import ROOT, TINY
 
 
 def tiny(**kw):
@@ -108,3 +113,17 @@ def test_compiled_pretraining_and_finetuning_steps():
             losses.append(loss.item())
         assert losses[0] == pytest.approx(losses[1], abs=1e-4)
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager.parameters(), compiled.parameters()))
+
+
+def test_gpu_check_runs_its_tiny_cpu_stand_in(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--steps", "6",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    for phase in ("pretrain", "finetune"):
+        assert report[phase]["tokens_per_s"] > 0 and report[phase]["mfu"] > 0
+    assert report["generate"]["greedy_tokens_per_s"] > 0 and report["generate"]["beam4_tokens_per_s"] > 0
+    assert report["estimates_h"]["gpu"]["pretrain_h"] > report["estimates_h"]["gpu"]["finetune_h"] > 0
+    assert "estimated hours per pipeline step" in result.stdout

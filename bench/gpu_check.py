@@ -1,0 +1,155 @@
+"""The first run on a GPU: does every path a GPU preset takes work, and how long will the presets take?
+
+    python bench/gpu_check.py                        # one H100/H200: about 5 minutes
+    python bench/gpu_check.py --device cpu --tiny    # a tiny stand-in, under 2 minutes (CI runs it)
+
+It measures, on the 124M preset's shape (config/pretrain_gpt2_124m_1gpu.py, bf16 autocast,
+torch.compile, flash SDPA) through the real training loop (trainer.train) on random tokens:
+  pretrain   tokens/s, MFU and peak memory over --steps steps
+  finetune   the same with finetuning-shaped batches (config/finetune_gpu.py's batch; 12% of
+             positions carry loss, as in the real mixture, so only they go through the output layer)
+  generate   batched greedy decoding (GPT.generate) and beam search (generation.beam_search), new
+             tokens/s after summarization-sized prompts
+and from those estimates each training and evaluation step's wall time for the gpu and full
+pipeline presets (full: 8 GPUs, assuming linear scaling). Prints a table; writes JSON.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from common import run_main, write_json  # noqa: E402
+from config import FinetuneConfig, TrainConfig, parse_config  # noqa: E402
+from data import RandomTokens  # noqa: E402
+from generation import beam_search  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from runtime import setup_runtime  # noqa: E402
+from trainer import train  # noqa: E402
+
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--batch_size=4",
+        "--gradient_accumulation_steps=1"]
+LOSS_FRACTION = 0.12  # share of finetuning positions that carry loss (the README's CPU run: 11.3%)
+# examples the gpu/full presets evaluate (test/dev splits) and their mean new tokens
+EVAL_EXAMPLES = {"cnn_dailymail": (11490, 60), "squad": (10570, 6)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a tiny model: proves the paths, measures nothing useful")
+    p.add_argument("--steps", type=int, default=None, help="training steps per measurement (default 200; tiny 12)")
+    p.add_argument("--compile", default=None, help="true/false (default: true on CUDA)")
+    p.add_argument("--out", default=os.path.join(ROOT, "out", "bench", "gpu_check.json"))
+    return p.parse_args(argv)
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; only grows
+
+
+def measure_training(cls, preset, args, overrides, loss_fraction=0.0):
+    """Median tokens/s and MFU of the logged rows after the first (which holds compilation)."""
+    steps = args.steps or (12 if args.tiny else 200)
+    out = tempfile.mkdtemp(prefix="gpu_check_")
+    cfg = parse_config(cls, [os.path.join(ROOT, preset), *overrides, f"--out_dir={out}", "--overwrite",
+                             f"--max_iters={steps}", f"--log_interval={max(1, steps // 6)}", "--eval_iters=1",
+                             f"--eval_interval={10 ** 9}", "--warmup_iters=10"])
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**cfg.model_fields()))
+    source = RandomTokens(cfg.block_size, cfg.batch_size, cfg.seed, loss_fraction)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    started = time.perf_counter()
+    train(cfg, model, source, {"val": source}, rt, head_fraction=loss_fraction or 1.0)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [r for r in map(json.loads, f) if r["type"] == "train"][1:]
+    return model, rt, {"tokens_per_step": cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
+                       "steps": steps, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+                       "mfu": statistics.median(r["mfu"] for r in rows), "peak_mem_mib": peak_memory_mib(rt.device),
+                       "wall_s": time.perf_counter() - started, "dtype": str(rt.dtype).removeprefix("torch."),
+                       "compile": cfg.compile}
+
+
+@torch.no_grad()
+def measure_generation(model, rt, tiny):
+    """New tokens/s: batched greedy (64 prompts) and beam search (4 beams, one prompt at a time)."""
+    model.eval()
+    prompt_len, new, batch = (64, 16, 4) if tiny else (700, 64, 64)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 50257, (batch, prompt_len), generator=g).tolist()
+    out = {}
+    with rt.autocast():
+        model.generate(prompts[:2], 2)  # warm-up
+        start = time.perf_counter()
+        tokens = sum(len(t) for t in model.generate(prompts, new, stop_tokens=()))
+        out["greedy_tokens_per_s"] = tokens / (time.perf_counter() - start)
+        out["greedy_batch"] = batch
+        start, tokens = time.perf_counter(), 0
+        for p in prompts[:4]:
+            tokens += len(beam_search(model, p, 4, new, no_repeat_ngram_size=3, stop_tokens=()))
+        out["beam4_seconds_per_example"] = (time.perf_counter() - start) / 4
+        out["beam4_tokens_per_s"] = tokens / (time.perf_counter() - start)
+    out["prompt_len"], out["new_tokens"] = prompt_len, new
+    return out
+
+
+def estimates(pre, ft, gen):
+    """Hours per step for the gpu preset (1 GPU) and the full preset (8 GPUs, linear scaling)."""
+    rows = {}
+    for name, preset, ft_preset, gpus in (("gpu", "config/pretrain_gpt2_124m_1gpu.py", "config/finetune_gpu.py", 1),
+                                          ("full", "config/pretrain_gpt2_124m.py", "config/finetune_gpu.py", 8)):
+        p = parse_config(TrainConfig, [os.path.join(ROOT, preset)])
+        f = parse_config(FinetuneConfig, [os.path.join(ROOT, ft_preset)] +
+                         (["--gradient_accumulation_steps=8"] if gpus == 8 else []))
+        pre_tokens = p.max_iters * p.batch_size * p.block_size * p.gradient_accumulation_steps
+        ft_tokens = f.max_iters * f.batch_size * f.block_size * f.gradient_accumulation_steps
+        cnn, squad = EVAL_EXAMPLES["cnn_dailymail"], EVAL_EXAMPLES["squad"]
+        rows[name] = {"pretrain_h": pre_tokens / (pre["tokens_per_s"] * gpus) / 3600,
+                      "finetune_h": ft_tokens / (ft["tokens_per_s"] * gpus) / 3600,
+                      "evaluate_cnn_beam4_h": cnn[0] * gen["beam4_seconds_per_example"] * cnn[1] / gen["new_tokens"]
+                      / 3600,
+                      "evaluate_squad_greedy_h": squad[0] * squad[1] / gen["greedy_tokens_per_s"] / 3600,
+                      "pretrain_tokens": pre_tokens, "finetune_tokens": ft_tokens, "gpus": gpus}
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    compile_flag = args.compile or ("true" if args.device.startswith("cuda") else "false")
+    overrides = [f"--device={args.device}", f"--compile={compile_flag}", "--dtype=auto"] + (TINY if args.tiny else [])
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"gpu_check on {name} (torch {torch.__version__}){' --tiny' if args.tiny else ''}", flush=True)
+    model, rt, pre = measure_training(TrainConfig, "config/pretrain_gpt2_124m_1gpu.py", args, overrides)
+    _, _, ft = measure_training(FinetuneConfig, "config/finetune_gpu.py", args,
+                                overrides + ["--init_from="], LOSS_FRACTION)
+    gen = measure_generation(model, rt, args.tiny)
+    est = estimates(pre, ft, gen)
+    print(f"\n{'':10} {'tok/s':>12} {'MFU':>7} {'peak MiB':>9} {'wall s':>7}")
+    for label, r in (("pretrain", pre), ("finetune", ft)):
+        print(f"{label:10} {r['tokens_per_s']:12,.0f} {r['mfu'] * 100:6.1f}% {r['peak_mem_mib']:9,.0f} {r['wall_s']:7.0f}")
+    print(f"generate   greedy {gen['greedy_tokens_per_s']:,.0f} new tok/s at batch {gen['greedy_batch']}; "
+          f"beam 4: {gen['beam4_tokens_per_s']:,.0f} new tok/s, {gen['beam4_seconds_per_example']:.2f} s/example")
+    print("\nestimated hours per pipeline step (from the rates above):")
+    for preset, r in est.items():
+        print(f"  {preset:5} ({r['gpus']} GPU): pretrain {r['pretrain_h']:.1f}, finetune {r['finetune_h']:.2f}, "
+              f"evaluate CNN/DM beam 4 {r['evaluate_cnn_beam4_h']:.2f}, SQuAD greedy {r['evaluate_squad_greedy_h']:.2f}")
+    result = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "pretrain": pre, "finetune": ft,
+              "generate": gen, "estimates_h": est}
+    write_json(args.out, result)
+    print(f"wrote {os.path.relpath(args.out, ROOT)}")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,89 @@
+"""On a machine with CUDA (skipped elsewhere): the smoke pipeline on the GPU with bf16 and
+torch.compile, the KV cache against full recomputation, a compiled finetuning step with no host
+sync, batches pinned off the training thread, and with two or more GPUs a 2-process torchrun on
+NCCL. Run it with the GPU check as one script:
+
+    python -m pytest -q tests/test_cuda.py && python bench/gpu_check.py
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from data import Prefetcher, RandomTokens, loss_positions
+from model import GPT, GPTConfig
+
+from conftest import ROOT, TINY
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = torch.device("cuda:0")
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=128, **kw)).to(CUDA)
+
+
+def test_smoke_pipeline_on_the_gpu_with_bf16_and_compile(tmp_path, shared_data):
+    gpu = "--device=cuda --dtype=bfloat16 --compile=true"
+    cmd = [sys.executable, str(ROOT / "pipeline.py"), "--preset", "smoke", "--data-root", str(shared_data), "--",
+           f"--pretrain_args={gpu}", f"--finetune_args={gpu}", "--eval_args=--device=cuda --dtype=bfloat16"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "smoke" / "eval" / "squad_validation_metrics.json").read_text())
+    assert metrics["device"].startswith("cuda") and metrics["dtype"] == "bfloat16"
+    assert (tmp_path / "out" / "smoke" / "REPORT.md").is_file()
+
+
+@pytest.mark.parametrize("arch", [{}, {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True}])
+def test_cached_generation_equals_recomputation_in_bf16(arch):
+    model = small(**arch).eval()
+    prompts = [list(range(1, 40)), [5, 6, 7]]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert model.generate(prompts, 20, use_cache=True) == model.generate(prompts, 20, use_cache=False)
+
+
+def test_compiled_finetuning_step_never_waits_for_the_host():
+    model = torch.compile(small())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    x, y = (torch.randint(0, 50257, (4, 256), device=CUDA) for _ in range(2))
+    mask = np.zeros((4, 256), dtype=bool)
+    mask[:, 200:] = True
+    rows, weights = (t.to(CUDA) for t in loss_positions(mask))
+    for step in range(3):  # the first steps compile; the last runs with syncs forbidden
+        if step == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                _, loss = model(x, targets=y, loss_rows=rows, loss_weights=weights)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
+
+
+def test_batches_are_pinned_on_the_prefetch_thread():
+    fetch = Prefetcher(RandomTokens(64, 2, seed=0), CUDA, [(0, 0), (1, 0)])
+    queued = fetch.queue.get()  # what the worker thread prepared
+    assert all(t.is_pinned() for t in queued if t is not None)
+    x, *_ = fetch.next()
+    assert x.device == CUDA
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_torchrun_on_nccl_keeps_two_gpus_in_sync(corpus):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           f"--data_dir={corpus}", f"--out_dir={corpus}/ddp", "--max_iters=6", "--gradient_accumulation_steps=2",
+           "--device=cuda", "--backend=nccl", "--pos_emb=rope", "--eval_iters=1", "--eval_interval=3"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(corpus / "ddp" / "metrics.jsonl") as f:
+        ranks = [r for r in map(json.loads, f) if r["type"] == "ranks"][0]["ranks"]
+    assert ranks[0]["first_batch"] != ranks[1]["first_batch"] and ranks[0]["weights"] == ranks[1]["weights"]
