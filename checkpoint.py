@@ -85,25 +85,26 @@ def model_record(model, cfg, **extra):
             "config": dataclasses.asdict(cfg), **extra}
 
 
-def rng_state():
+def rng_state(device):
+    """This process's RNG states; on a GPU only its own device's (a resumed run may see other GPUs)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def gather_rng(rt):
     """Every process's RNG state (dropout draws differ per process), gathered to rank 0.
     Collective: every process must call it."""
-    state = rng_state()
+    state = rng_state(rt.device)
     if not rt.ddp:
         return [state]
     states = [None] * rt.world_size

@@ -22,6 +22,12 @@ def open_tokens(path):
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
+def inputs_and_targets(rows):
+    """(x, y) of (B, T + 1) token rows, contiguous: a strided tensor's pinned copy to a GPU would
+    first be copied again, unpinned, on the training thread."""
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
 def batch_rng(seed, *keys):
     return np.random.default_rng([seed, *keys])
 
@@ -41,8 +47,7 @@ class TokenWindows:
 
     def batch(self, step, micro_step):
         rows = self.sample_rows(batch_rng(self.seed, self.split_id, step, micro_step), self.batch_size)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:], None, None
+        return inputs_and_targets(torch.from_numpy(rows)) + (None, None)
 
 
 class FinetuneMixture:
@@ -86,9 +91,8 @@ class FinetuneMixture:
             x, mask = self.pack_row(rng)
             rows.append(x)
             masks.append(mask)
-        rows = torch.from_numpy(np.stack(rows))
         loss_rows, loss_weights = loss_positions(np.stack(masks)[:, 1:])  # a target carries loss if its token does
-        return rows[:, :-1], rows[:, 1:], loss_rows, loss_weights
+        return inputs_and_targets(torch.from_numpy(np.stack(rows))) + (loss_rows, loss_weights)
 
 
 class RandomTokens:
@@ -102,10 +106,10 @@ class RandomTokens:
         rng = batch_rng(self.seed, step, micro_step)
         rows = torch.from_numpy(rng.integers(0, 50257, size=(self.batch_size, self.block_size + 1)))
         if not self.loss_fraction:
-            return rows[:, :-1], rows[:, 1:], None, None
+            return inputs_and_targets(rows) + (None, None)
         mask = np.zeros((self.batch_size, self.block_size), dtype=bool)
         mask[:, int(self.block_size * (1 - self.loss_fraction)):] = True
-        return (rows[:, :-1], rows[:, 1:], *loss_positions(mask))
+        return inputs_and_targets(rows) + loss_positions(mask)
 
 
 def loss_positions(mask, bucket=256):

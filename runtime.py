@@ -61,7 +61,8 @@ def pick_dtype(name, device):
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 is slow (V100, T4)
+        return torch.bfloat16 if native_bf16 else torch.float16
     if name not in DTYPES:
         raise UserError(f"dtype={name!r}; choose auto, float32, bfloat16 or float16")
     return DTYPES[name]

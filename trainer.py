@@ -169,10 +169,11 @@ class Run:
         load_weights(self.raw_model, ckpt["model"], self.ckpt_path)
         for opt, state in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and self.scaler.is_enabled():  # a run may resume in another dtype
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.iter, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         rng = ckpt["rng"]
-        set_rng_state(rng[self.rt.rank] if self.rt.rank < len(rng) else rng[0])
+        set_rng_state(rng[self.rt.rank] if self.rt.rank < len(rng) else rng[0], self.rt.device)
         if self.rt.master:
             print(f"resuming from {self.ckpt_path} at iteration {self.iter}")
 
@@ -190,6 +191,7 @@ class Run:
                              "best_val_loss": self.best_val, "rng": rng}, self.ckpt_path)
 
     def evaluate(self, eval_sources, log):
+        self.check_finite()  # never save weights that a non-finite step has spoiled
         losses = estimate_losses(self.eval_model, eval_sources, self.cfg.eval_iters, self.rt)
         score = self.selection(losses)
         if self.rt.master:
@@ -298,7 +300,10 @@ def train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=None, bes
             log.write(type="train", iter=run.iter, time=log.elapsed(), loss=loss_value, lr=lr,
                       ms_per_iter=s["ms_per_iter"], tokens_per_s=s["tokens_per_s"], mfu=s["mfu"])
         if stop.agreed(rt):
-            run.save()
+            if run.iter % cfg.eval_interval == 0:  # the evaluation due now would be skipped on resume
+                run.evaluate(eval_sources, log)
+            else:
+                run.save()
             if rt.master:
                 print(f"stopped at iteration {run.iter}; rerun with --resume to continue")
             raise SystemExit(130)

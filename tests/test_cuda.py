@@ -3,7 +3,7 @@ torch.compile, the KV cache against full recomputation, a compiled finetuning st
 sync, batches pinned off the training thread, and with two or more GPUs a 2-process torchrun on
 NCCL. Run it with the GPU check as one script:
 
-    python -m pytest -q tests/test_cuda.py && python bench/gpu_check.py
+    python -m pytest -q -rs tests/test_cuda.py && python bench/gpu_check.py --steps 60
 """
 import json
 import os
@@ -40,11 +40,13 @@ def test_smoke_pipeline_on_the_gpu_with_bf16_and_compile(tmp_path, shared_data):
 
 
 @pytest.mark.parametrize("arch", [{}, {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True}])
-def test_cached_generation_equals_recomputation_in_bf16(arch):
+def test_cached_generation_equals_recomputation(arch):
     model = small(**arch).eval()
     prompts = [list(range(1, 40)), [5, 6, 7]]
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert model.generate(prompts, 20, use_cache=True) == model.generate(prompts, 20, use_cache=False)
+    assert model.generate(prompts, 20, use_cache=True) == model.generate(prompts, 20, use_cache=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):  # different GEMM shapes round differently: a
+        cached, full = (model.generate(prompts, 5, use_cache=c) for c in (True, False))  # near-tie may flip late
+    assert cached == full
 
 
 def test_compiled_finetuning_step_never_waits_for_the_host():
@@ -71,7 +73,7 @@ def test_compiled_finetuning_step_never_waits_for_the_host():
 def test_batches_are_pinned_on_the_prefetch_thread():
     fetch = Prefetcher(RandomTokens(64, 2, seed=0), CUDA, [(0, 0), (1, 0)])
     queued = fetch.queue.get()  # what the worker thread prepared
-    assert all(t.is_pinned() for t in queued if t is not None)
+    assert all(t.is_pinned() and t.is_contiguous() for t in queued if t is not None)
     x, *_ = fetch.next()
     assert x.device == CUDA
 

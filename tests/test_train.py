@@ -16,7 +16,7 @@ from common import UserError
 from config import FinetuneConfig, TrainConfig, parse_config
 from model import GPT, GPTConfig
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, stop_after
 
 
 def env():
@@ -214,3 +214,20 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(cor
         train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=10", "--eval_interval=3"])
     ckpt = load_checkpoint(str(corpus / "o" / "ckpt.pt"))  # 2 eval batches at iterations 0 and 3
     assert ckpt["iter_num"] == 3 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_run_stopped_at_an_evaluation_step_keeps_that_evaluation(corpus, monkeypatch):
+    args = TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=8", "--eval_interval=4"]
+    with monkeypatch.context() as m:
+        stop_after(m, 4)  # the stop request arrives at step 4, when evaluation 4 is due
+        with pytest.raises(SystemExit):
+            train.main(args)
+    train.main(args + ["--resume"])
+    assert [r["iter"] for r in read_metrics(corpus / "o") if r["type"] == "eval"] == [0, 4, 8]
+
+
+def test_a_run_resumes_in_another_precision(corpus):
+    args = TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o"]
+    train.main(args + ["--max_iters=2", "--dtype=bfloat16"])
+    train.main(args + ["--max_iters=3", "--dtype=float16", "--resume"])  # now with a GradScaler
+    assert load_checkpoint(str(corpus / "o" / "ckpt.pt"))["iter_num"] == 3
