@@ -79,6 +79,27 @@ def model_from_checkpoint(ckpt, path, overrides=None):
     return model
 
 
+def pretrained_model(cfg):
+    """The GPT a run starts from: cfg.init_from is a .pt checkpoint, a Hugging Face model folder
+    or a GPT-2 size on the hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl). Its architecture becomes
+    the run's (cfg is updated); fields set explicitly must agree (a shape mismatch is a clear
+    error), except dropout, which a run may change."""
+    import hf  # light: it imports transformers only when it reads a Hugging Face model
+    source = cfg.init_from
+    if os.path.isfile(source) or source.endswith(".pt"):
+        ckpt = load_checkpoint(source)
+    elif os.path.isdir(source) or source in hf.GPT2_NAMES:
+        ckpt = hf.import_checkpoint(source)
+    else:
+        raise UserError(f"init_from={source!r} is not a .pt checkpoint, a Hugging Face model folder nor one of "
+                        f"{', '.join(hf.GPT2_NAMES)}; fix the path")
+    overrides = {k: v for k, v in cfg.model_fields().items() if k in cfg.explicit}
+    model = model_from_checkpoint(ckpt, source, overrides)
+    for key, value in dataclasses.asdict(model.config).items():
+        setattr(cfg, key, value)
+    return model
+
+
 def model_record(model, cfg, **extra):
     """What every checkpoint holds: weights, architecture and the run's settings."""
     return {"model": model.state_dict(), "model_config": dataclasses.asdict(model.config),

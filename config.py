@@ -28,6 +28,7 @@ class TrainConfig(GPTConfig):
     # run and data
     out_dir: str = "out/run"  # checkpoints, best model and metrics.jsonl go here
     data_dir: str = "data/owt"  # holds train.bin / val.bin from prepare_owt.py
+    init_from: str = ""  # "" (scratch) | a .pt checkpoint | a Hugging Face folder | gpt2[-medium|-large|-xl]
     resume: bool = False  # continue from out_dir/ckpt.pt when it exists
     overwrite: bool = False  # replace a run already in out_dir (without it, that is an error)
     seed: int = 1337  # every batch is a function of (seed, step, micro-step)
@@ -74,7 +75,7 @@ class TrainConfig(GPTConfig):
 @dataclass
 class FinetuneConfig(TrainConfig):
     out_dir: str = "out/finetune"
-    init_from: str = "out/run/ckpt.pt"  # the pretrained checkpoint to start from
+    init_from: str = "out/run/ckpt.pt"
     finetune_dir: str = "data/finetune"  # from prepare_finetune.py
     tasks: str = "all"  # comma-separated task names (tasks.py), or all
     task_weights: str = ""  # e.g. "cnn_dailymail:2,squad:2,sst2:1"; empty: proportional to size, capped

@@ -3,12 +3,12 @@ share of pretraining text, with the loss on target tokens only. Same loop as pre
 
     python prepare_finetune.py --block-size 512 --data-root ../shared/data
     python finetune.py config/finetune_cpu.py --init_from=out/cpu/ckpt.pt
+    python finetune.py config/finetune_cpu.py --init_from=gpt2   # OpenAI's GPT-2 (or a local HF folder)
     torchrun --standalone --nproc_per_node=8 finetune.py config/finetune_gpu.py
 
 Writes out_dir/model.pt (the best model by mean per-task validation loss: the deliverable),
 out_dir/ckpt.pt (the last state, for --resume) and out_dir/metrics.jsonl.
 """
-import dataclasses
 import json
 import os
 import sys
@@ -19,7 +19,7 @@ import tasks
 from common import UserError, run_main
 from config import FinetuneConfig, parse_config
 from data import FinetuneMixture, TokenWindows, loss_mask
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import pretrained_model
 from runtime import setup_runtime
 from trainer import train
 
@@ -64,18 +64,6 @@ def open_task_splits(cfg, names, split):
         if not len(splits[name]):
             raise UserError(f"{cfg.finetune_dir}/{name}/{split} has no examples")
     return splits
-
-
-def pretrained_model(cfg):
-    """The pretrained GPT; its architecture comes from the checkpoint and becomes the run's
-    (cfg is updated). Fields set explicitly must agree (a shape mismatch is a clear error),
-    except dropout, which finetuning may change."""
-    ckpt = load_checkpoint(cfg.init_from)
-    overrides = {k: v for k, v in cfg.model_fields().items() if k in cfg.explicit}
-    model = model_from_checkpoint(ckpt, cfg.init_from, overrides)
-    for key, value in dataclasses.asdict(model.config).items():
-        setattr(cfg, key, value)
-    return model
 
 
 def loss_token_fraction(source, n=8):

@@ -27,14 +27,14 @@ class GPTConfig:
     bias: bool = True  # biases in linear layers and LayerNorm
     pos_emb: str = "learned"  # learned | rope
     norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | swiglu | relu2
+    mlp: str = "gelu"  # gelu | gelu_tanh (OpenAI GPT-2's approximation) | swiglu | relu2
     qk_norm: bool = False  # RMS-normalize queries and keys per head
     tie_embeddings: bool = True  # the output layer shares the token embedding
     rope_base: float = 10000.0  # RoPE's base period (with pos_emb=rope)
 
     def __post_init__(self):
         choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "swiglu", "relu2")}
+                   "mlp": ("gelu", "gelu_tanh", "swiglu", "relu2")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {allowed}")
@@ -135,8 +135,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.kind == "gelu":
-            h = F.gelu(h)
+        if self.kind in ("gelu", "gelu_tanh"):  # gelu_tanh: what OpenAI's GPT-2 weights were trained with
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:

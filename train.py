@@ -4,12 +4,14 @@
     python train.py config/pretrain_gpt2_124m_1gpu.py           # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/pretrain_gpt2_124m.py
     python train.py config/pretrain_cpu.py --resume             # continue an interrupted run
+    python train.py --init_from=gpt2 --out_dir=out/gpt2_owt      # continue OpenAI's GPT-2 (or a HF folder)
 """
 import os
 import sys
 
 import torch
 
+from checkpoint import pretrained_model
 from common import run_main
 from config import TrainConfig, parse_config
 from data import TokenWindows
@@ -22,7 +24,7 @@ def main(argv=None):
     cfg = parse_config(TrainConfig, sys.argv[1:] if argv is None else argv)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(**cfg.model_fields()))
+    model = pretrained_model(cfg) if cfg.init_from else GPT(GPTConfig(**cfg.model_fields()))
     train_source = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
     val_source = TokenWindows(os.path.join(cfg.data_dir, "val.bin"), cfg.block_size, cfg.batch_size, cfg.seed,
                               split_id=1)

@@ -1,0 +1,25 @@
+"""Export a checkpoint as a Hugging Face transformers model folder (weights, config, GPT-2
+tokenizer), for transformers, lm-evaluation-harness, vLLM or the hub.
+
+    python export_hf.py --ckpt out/cpu/finetune/model.pt --out out/cpu/hf
+    lm_eval --model hf --model_args pretrained=out/cpu/hf --tasks hellaswag,lambada_openai
+"""
+import argparse
+
+from checkpoint import load_model
+from common import run_main
+from hf import export
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a ckpt.pt or model.pt of this toolkit")
+    p.add_argument("--out", required=True, help="folder to write (created; its files are replaced)")
+    args = p.parse_args(argv)
+    model, _ = load_model(args.ckpt)
+    arch = export(model, args.out)
+    print(f"wrote {args.out} ({arch}): load it with transformers.AutoModelForCausalLM.from_pretrained({args.out!r})")
+
+
+if __name__ == "__main__":
+    run_main(main)
