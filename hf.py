@@ -207,7 +207,7 @@ def load_hf_model(source):
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load the Hugging Face model in {source} ({reason})") from None
         raise UserError(f"cannot download {source} from the Hugging Face hub ({type(e).__name__}); offline, "
-                        f"download it elsewhere (huggingface-cli download openai-community/{source} "
+                        f"fetch it on a connected machine (hf download openai-community/{source} "
                         f"--local-dir DIR), copy DIR here and pass init_from=DIR") from None
 
 
@@ -235,7 +235,10 @@ def export(model, out_dir):
     c = model.config
     arch, fields = hf_config_fields(c)
     transformers = _transformers()
-    hf_model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(arch, **fields))
+    hf_config = transformers.AutoConfig.for_model(arch, **fields)
+    if arch != "gpt2":
+        hf_config.rope_theta = c.rope_base  # where transformers 4 (and tools on it) read the base
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config)
     hf_state = hf_model.state_dict()
     hf_model.load_state_dict(to_hf_state(model.state_dict(), arch, c.n_layer, hf_state), strict=True)
     hf_model.generation_config = transformers.GenerationConfig(bos_token_id=EOT, eos_token_id=EOT, pad_token_id=EOT)

@@ -158,6 +158,19 @@ def test_hub_name_offline_says_to_pass_a_local_folder():
         hf.import_checkpoint("gpt2-medium")
 
 
+def test_a_start_that_is_no_checkpoint_folder_or_gpt2_name_is_a_clear_error(tmp_path):
+    with pytest.raises(UserError, match="init_from='gtp2' is not a .pt checkpoint, a Hugging Face model folder"):
+        train.main(["--init_from=gtp2", f"--out_dir={tmp_path}"])
+    with pytest.raises(UserError, match=f"cannot load the Hugging Face model in {tmp_path}"):
+        train.main([f"--init_from={tmp_path}", f"--out_dir={tmp_path}"])
+
+
+def test_the_toolkit_runs_without_transformers_until_a_hugging_face_model_is_read():
+    code = "import sys, hf, checkpoint, train, finetune, export_hf; print('transformers' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.stdout.strip() == "False", run.stderr
+
+
 def test_folder_of_a_model_this_toolkit_cannot_compute_is_refused(tmp_path):
     config = GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2, layer_norm_epsilon=1e-6)
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
