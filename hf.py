@@ -18,7 +18,7 @@ import tempfile
 import torch
 
 from common import EOT, UserError
-from model import GPT2_VOCAB, GPTConfig
+from model import GPT, GPT2_VOCAB, GPTConfig
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's weights on the hub
 TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
@@ -117,10 +117,11 @@ def name_pairs(arch, n_layer):
 
 def to_hf_state(state, arch, n_layer, hf_state):
     """Our state dict as the transformers model's (hf_state gives its keys and shapes)."""
-    out = {}
+    out, used = {}, set()
     for ours, theirs, conv in name_pairs(arch, n_layer):
         if theirs[0] not in hf_state:
             continue
+        used.add(ours)
         t = state.get(ours)
         if t is None:  # the identity: no bias, or a norm without weight
             for key in theirs:
@@ -131,6 +132,8 @@ def to_hf_state(state, arch, n_layer, hf_state):
         t = t.t() if conv and t.dim() == 2 else t
         for key, part in zip(theirs, t.chunk(len(theirs))):
             out[key] = part.contiguous().clone()
+    if set(state) - used:  # a parameter added to model.py without its row in NAMES
+        raise RuntimeError(f"hf.NAMES has no transformers name for {sorted(set(state) - used)[:3]}")
     return out
 
 
@@ -176,8 +179,8 @@ def gpt_config_of(hf_config, source):
         raise UserError(f"{source}: {e}") from None
     for key, ours in hf_config_fields(config)[1].items():
         theirs = getattr(hf_config, key, None)
-        same = math.isclose(theirs, ours) if isinstance(ours, float) and isinstance(theirs, (int, float)) else theirs == ours
-        if key not in IGNORED_ON_IMPORT and not same:
+        numbers = isinstance(ours, float) and isinstance(theirs, (int, float))
+        if key not in IGNORED_ON_IMPORT and not (math.isclose(theirs, ours) if numbers else theirs == ours):
             raise UserError(f"{source}: {key}={theirs!r} has no equivalent in this toolkit's model "
                             f"(it would need {ours!r})")
     return config
@@ -188,7 +191,6 @@ def import_checkpoint(source):
     for checkpoint.model_from_checkpoint."""
     hf_model = load_hf_model(source)
     config = gpt_config_of(hf_model.config, source)
-    from model import GPT
     with torch.device("meta"):  # only its parameter names: no memory, no init
         own_keys = set(GPT(config).state_dict())
     hf_state = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
