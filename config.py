@@ -75,7 +75,7 @@ class TrainConfig(GPTConfig):
 @dataclass
 class FinetuneConfig(TrainConfig):
     out_dir: str = "out/finetune"
-    init_from: str = "out/run/ckpt.pt"
+    init_from: str = "out/run/ckpt.pt"  # the pretrained checkpoint to start from: a .pt, a Hugging Face folder, gpt2[-xl]
     finetune_dir: str = "data/finetune"  # from prepare_finetune.py
     tasks: str = "all"  # comma-separated task names (tasks.py), or all
     task_weights: str = ""  # e.g. "cnn_dailymail:2,squad:2,sst2:1"; empty: proportional to size, capped
