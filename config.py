@@ -80,7 +80,8 @@ class FinetuneConfig(TrainConfig):
     tasks: str = "all"  # comma-separated task names (tasks.py), or all
     task_weights: str = ""  # e.g. "cnn_dailymail:2,squad:2,sst2:1"; empty: proportional to size, capped
     mix_cap: int = 20000  # with empty task_weights, a task counts at most this many examples
-    replay_fraction: float = 0.1  # share of rows that are plain pretraining text, against forgetting
+    replay_fraction: float = 0.1  # share of positions and of the loss that is pretraining text (against forgetting)
+    task_average: str = "example"  # example: each example weighs the same | token: each target token does
     learning_rate: float = 1e-4
     min_lr: float = 1e-5
     warmup_iters: int = 20

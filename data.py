@@ -47,52 +47,106 @@ class TokenWindows:
 
     def batch(self, step, micro_step):
         rows = self.sample_rows(batch_rng(self.seed, self.split_id, step, micro_step), self.batch_size)
-        return inputs_and_targets(torch.from_numpy(rows)) + (None, None)
+        return inputs_and_targets(torch.from_numpy(rows)) + (None, None, None)
 
 
 class FinetuneMixture:
-    """Rows packed with whole task examples (prompt + target + EOT) drawn by task weight, plus a
-    replay share of rows of plain pretraining text. Loss falls only on targets (and their EOT);
-    the rest of a row that no example fits in is EOT padding without loss."""
+    """Rows packed with whole task examples (prompt + target + EOT) drawn by task weight, plus
+    replay_fraction of the batch's positions as one window of pretraining text (so replay gets
+    the same share of compute as of the loss). Every packed document starts at position 0 and
+    attends only to itself, as a prompt does at evaluation (the batch carries the positions).
+
+    The loss is (1 - replay_fraction) * task loss + replay_fraction * replay loss. Within the
+    tasks `average="example"` gives every example in the batch the same weight, spread over its
+    target tokens, so task_weights are the tasks' shares of the loss too ("token": every target
+    token weighs the same, which hands most of the loss to CNN/DM's long summaries)."""
 
     def __init__(self, splits, weights, block_size, batch_size, seed, split_id=0,
-                 replay=None, replay_fraction=0.0):
-        self.splits, self.names = splits, list(splits)
+                 replay=None, replay_fraction=0.0, average="example"):
+        if average not in ("example", "token"):
+            raise UserError(f"average={average!r}; choose example or token")
+        self.splits, self.names = [splits[n] for n in splits], list(splits)
         w = np.array([weights[n] for n in self.names], dtype=np.float64)
-        self.probs = w / w.sum()
+        self.weights = w / w.sum()
+        self.lengths = [np.asarray(s.index[:, 2]) for s in self.splits]
+        self.room = block_size + 1  # tokens per row: inputs and the last target
         self.block_size, self.batch_size, self.seed, self.split_id = block_size, batch_size, seed, split_id
-        self.replay, self.replay_fraction = replay, replay_fraction if replay is not None else 0.0
+        self.replay, self.replay_fraction, self.average = replay, replay_fraction if replay else 0.0, average
+        self.replay_len = int(round(self.replay_fraction * batch_size * self.room))
+        if self.replay_len and batch_size * self.room - self.replay_len < max(map(np.min, self.lengths)):
+            raise UserError(f"replay_fraction {replay_fraction} leaves no room for task examples; lower it")
+        self.probs = self.calibrated_probs()
 
-    def pack_row(self, rng):
-        x = np.full(self.block_size + 1, EOT, dtype=np.int64)
-        mask = np.zeros(self.block_size + 1, dtype=bool)
-        filled = 0
-        for _ in range(64):  # bounded: stop once an example does not fit
-            split = self.splits[self.names[rng.choice(len(self.names), p=self.probs)]]
-            tokens, prompt_len = split.example(int(rng.integers(len(split))))
-            if filled + len(tokens) > self.block_size + 1:
-                if filled == 0:
-                    raise UserError(f"a {len(tokens)}-token example does not fit block_size "
-                                    f"{self.block_size}; rerun prepare_finetune.py --block-size {self.block_size}")
-                break
-            x[filled:filled + len(tokens)] = tokens
-            mask[filled + prompt_len:filled + len(tokens)] = True
-            filled += len(tokens)
-        return x, mask
+    def layout(self, rng, probs):
+        """Where each drawn example goes: [(row, start, task, index)]. Examples fill the rows in
+        the order drawn, after the replay window; one that does not fit in the current row starts
+        the next row, and the first that fits in no row ends the batch (it is not used)."""
+        sizes = np.array([len(n) for n in self.lengths])
+        row, filled = divmod(self.replay_len, self.room)
+        placed = []
+        while True:
+            tasks = rng.choice(len(probs), size=32, p=probs)
+            picks = (rng.random(32) * sizes[tasks]).astype(np.int64)
+            for task, i in zip(tasks.tolist(), picks.tolist()):
+                n = int(self.lengths[task][i])
+                if n > self.room:
+                    raise UserError(f"a {n}-token example does not fit block_size {self.block_size}; "
+                                    f"rerun prepare_finetune.py --block-size {self.block_size}")
+                if filled + n > self.room:
+                    row, filled = row + 1, 0
+                    if row == self.batch_size:
+                        return placed
+                placed.append((row, filled, task, i))
+                filled += n
+
+    def calibrated_probs(self, examples=10000, rounds=4):
+        """Drawing probabilities under which the examples that make it into batches follow the
+        weights: the one drawn example that ends a batch is more often a long one, so long tasks
+        are drawn a little more often. Found on the example lengths alone, with fixed draws."""
+        probs = self.weights.copy()
+        for _ in range(rounds if len(probs) > 1 else 0):
+            rng, counts = batch_rng(self.seed, 7919), np.zeros(len(probs))
+            while counts.sum() < examples:
+                counts += np.bincount([p[2] for p in self.layout(rng, probs)], minlength=len(probs))
+            share = counts / counts.sum()
+            probs = np.where(share > 0, probs * self.weights / np.maximum(share, 1e-12), probs)
+            probs /= probs.sum()
+        return probs
 
     def batch(self, step, micro_step):
+        """(x, y, loss_rows, loss_weights, positions): positions restart at 0 in each document."""
         rng = batch_rng(self.seed, self.split_id, step, micro_step)
-        rows, masks = [], []
-        n_replay = int(rng.binomial(self.batch_size, self.replay_fraction)) if self.replay_fraction else 0
-        if n_replay:
-            rows.extend(self.replay.sample_rows(rng, n_replay))
-            masks.extend(np.ones((n_replay, self.block_size + 1), dtype=bool))
-        for _ in range(self.batch_size - n_replay):
-            x, mask = self.pack_row(rng)
-            rows.append(x)
-            masks.append(mask)
-        loss_rows, loss_weights = loss_positions(np.stack(masks)[:, 1:])  # a target carries loss if its token does
-        return inputs_and_targets(torch.from_numpy(np.stack(rows))) + (loss_rows, loss_weights)
+        tokens = np.full((self.batch_size, self.room), EOT, dtype=np.int64)
+        starts = np.zeros((self.batch_size, self.room), dtype=bool)  # where a document (or padding) begins
+        starts[:, 0] = True
+        replay = np.zeros((self.batch_size, self.room), dtype=bool)
+        if self.replay_len:  # one window per row it spans, so each row's piece is a document
+            windows = self.replay.sample_rows(rng, -(-self.replay_len // self.room))
+            tokens.reshape(-1)[:self.replay_len] = windows.reshape(-1)[:self.replay_len]
+            replay.reshape(-1)[:self.replay_len] = True
+        targets = []
+        for row, start, task, i in self.layout(rng, self.probs):
+            ex, prompt_len = self.splits[task].example(i)
+            tokens[row, start:start + len(ex)] = ex
+            starts[row, start] = True
+            targets.append((row, start + prompt_len, start + len(ex)))
+        ends = np.flatnonzero(np.diff(replay.reshape(-1).astype(np.int8)) < 0) + 1  # padding after replay
+        starts.reshape(-1)[ends] = True
+        for row, _, end in targets:
+            starts[row, end:end + 1] = True  # the padding after an example (if any) is a document too
+        weight = np.zeros((self.batch_size, self.room))  # loss weight of predicting each token
+        replay &= ~starts  # the first token of a piece has nothing of its document to be predicted from
+        if replay.any():
+            weight[replay] = self.replay_fraction / replay.sum()
+        n_targets = sum(end - begin for _, begin, end in targets)
+        for row, begin, end in targets:
+            per = 1.0 / (len(targets) * (end - begin)) if self.average == "example" else 1.0 / n_targets
+            weight[row, begin:end] = (1.0 - self.replay_fraction) * per
+        col = np.arange(self.room)
+        positions = col - np.maximum.accumulate(np.where(starts, col, 0), axis=1)
+        loss_rows, loss_weights = loss_positions(weight[:, 1:])  # a target carries loss if its token does
+        x, y = inputs_and_targets(torch.from_numpy(tokens))
+        return x, y, loss_rows, loss_weights, torch.from_numpy(positions[:, :-1]).contiguous()
 
 
 class RandomTokens:
@@ -106,29 +160,30 @@ class RandomTokens:
         rng = batch_rng(self.seed, step, micro_step)
         rows = torch.from_numpy(rng.integers(0, 50257, size=(self.batch_size, self.block_size + 1)))
         if not self.loss_fraction:
-            return inputs_and_targets(rows) + (None, None)
+            return inputs_and_targets(rows) + (None, None, None)
         mask = np.zeros((self.batch_size, self.block_size), dtype=bool)
         mask[:, int(self.block_size * (1 - self.loss_fraction)):] = True
-        return inputs_and_targets(rows) + loss_positions(mask)
+        return inputs_and_targets(rows) + loss_positions(mask) + (None,)
 
 
-def loss_positions(mask, bucket=256):
-    """(flat indices, weights) of a (B, T) loss mask: every masked position weighs 1/count, so
-    the weighted sum is the mean loss. The index is padded (position 0, weight 0) to a multiple
-    of `bucket`, so a compiled model sees few distinct shapes."""
-    rows = np.flatnonzero(mask.reshape(-1))
+def loss_positions(weight, bucket=256):
+    """(flat indices, weights) of a (B, T) array of loss weights (or a boolean mask: every masked
+    position weighs 1/count, so the weighted sum is the mean loss). The index is padded
+    (position 0, weight 0) to a multiple of `bucket`, so a compiled model sees few distinct shapes."""
+    weight = np.asarray(weight, dtype=np.float64).reshape(-1)
+    rows = np.flatnonzero(weight)
     if len(rows) == 0:
         raise UserError("a finetuning batch has no target token; check the prepared data")
     padded = -(-len(rows) // bucket) * bucket
     index = np.zeros(padded, dtype=np.int64)
     weights = np.zeros(padded, dtype=np.float32)
-    index[:len(rows)], weights[:len(rows)] = rows, 1.0 / len(rows)
+    index[:len(rows)], weights[:len(rows)] = rows, weight[rows] / weight[rows].sum()
     return torch.from_numpy(index), torch.from_numpy(weights)
 
 
 def loss_mask(batch):
     """The (B, T) boolean mask of a batch's loss-carrying target positions (None: all of them)."""
-    x, _, rows, weights = batch
+    x, _, rows, weights = batch[:4]
     if rows is None:
         return torch.ones_like(x, dtype=torch.bool)
     mask = torch.zeros(x.numel(), dtype=torch.bool)

@@ -46,7 +46,8 @@ def task_weights(cfg, names, sizes):
 
 
 def open_task_splits(cfg, names, split):
-    splits = {}
+    """{task: FinetuneSplit} and the block size the data was prepared for (one for all tasks)."""
+    splits, block_sizes = {}, {}
     for name in names:
         meta_path = os.path.join(cfg.finetune_dir, name, "meta.json")
         if not os.path.isfile(meta_path):
@@ -60,10 +61,14 @@ def open_task_splits(cfg, names, split):
         if meta["block_size"] > cfg.block_size:
             raise UserError(f"{meta_path} was prepared for block_size {meta['block_size']} but the model has "
                             f"{cfg.block_size}; rerun prepare_finetune.py --block-size {cfg.block_size}")
+        block_sizes[name] = meta["block_size"]
         splits[name] = tasks.FinetuneSplit(os.path.join(cfg.finetune_dir, name, split))
         if not len(splits[name]):
             raise UserError(f"{cfg.finetune_dir}/{name}/{split} has no examples")
-    return splits
+    if len(set(block_sizes.values())) > 1:
+        raise UserError(f"the tasks in {cfg.finetune_dir} were prepared for different block sizes {block_sizes}; "
+                        f"rerun prepare_finetune.py with one --block-size for all of them")
+    return splits, block_sizes[names[0]]
 
 
 def loss_token_fraction(source, n=8):
@@ -78,21 +83,26 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     model = pretrained_model(cfg)
 
-    train_splits, val_splits = open_task_splits(cfg, names, "train"), open_task_splits(cfg, names, "validation")
+    (train_splits, data_block_size), (val_splits, _) = (open_task_splits(cfg, names, split)
+                                                        for split in ("train", "validation"))
     weights = task_weights(cfg, names, {n: len(s) for n, s in train_splits.items()})
     replay = None
     if cfg.replay_fraction > 0:
         replay = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
     train_source = FinetuneMixture(train_splits, weights, cfg.block_size, cfg.batch_size, cfg.seed,
-                                   replay=replay, replay_fraction=cfg.replay_fraction)
-    eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, cfg.batch_size, cfg.seed, split_id=1)
-                    for n, s in val_splits.items()}
+                                   replay=replay, replay_fraction=cfg.replay_fraction, average=cfg.task_average)
+    # validation loss per target token: comparable across objectives and with evaluate.py
+    eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, cfg.batch_size, cfg.seed, split_id=1,
+                                       average="token") for n, s in val_splits.items()}
     loss_fraction = loss_token_fraction(train_source)
     if rt.master:
         total = sum(weights.values())
         print("task mix: " + ", ".join(f"{n} {w / total:.1%}" for n, w in weights.items()) +
-              f"; replay {cfg.replay_fraction:.0%} of rows; {loss_fraction:.1%} of batch tokens carry loss")
-    extra = {"tasks_version": tasks.TASKS_VERSION, "tasks": names, "init_from": cfg.init_from}
+              f"; replay text {cfg.replay_fraction:.0%} of positions and of the loss; "
+              f"{loss_fraction:.1%} of batch tokens carry loss")
+    # evaluate.py builds its prompts at the data's block size, byte for byte those of finetuning
+    extra = {"tasks_version": tasks.TASKS_VERSION, "tasks": names, "init_from": cfg.init_from,
+             "data_block_size": data_block_size, "finetune_dir": cfg.finetune_dir}
     train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=extra, best_name="model.pt",
           head_fraction=loss_fraction)
     if rt.ddp:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from common import EOT
 
@@ -113,9 +114,11 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        # mask None: plain causal training, which lets SDPA pick flash kernels
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if isinstance(mask, BlockMask):  # packed documents, with a fused kernel once compiled
+            y = (compiled_flex_attention if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
+        else:  # mask None: plain causal training, which lets SDPA pick flash kernels
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -203,9 +206,12 @@ class GPT(nn.Module):
         Training: targets (B, T); returns (None, loss), the mean next-token loss, or with
         loss_rows (N,) flat positions into B*T and loss_weights (N,) the weighted sum of their
         losses (only those rows go through the 50k-wide head: finetuning saves most of it).
+        positions (B, T) without valid: packed documents, each starting at position 0 and
+        attending only to itself.
         Inference: positions (B, T) and valid (B, T) describe left-padded prompts, cache a
         KVCache; returns (last-step logits, or all of them, None)."""
         B, T = idx.shape
+        packed = positions is not None and valid is None and cache is None
         start = cache.length if cache is not None else 0
         if start + T > self.config.block_size:  # checked on sizes, not values: no device sync
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
@@ -218,7 +224,7 @@ class GPT(nn.Module):
         if self.wpe is None:
             angles = positions[..., None].float() * self.inv_freq  # (B, T, head_dim / 2)
             rope = (angles.cos()[:, None], angles.sin()[:, None])
-        mask = self._attention_mask(valid, cache, start, T, idx.device)
+        mask = document_mask(positions) if packed else self._attention_mask(valid, cache, start, T, idx.device)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, i)
@@ -291,6 +297,23 @@ class GPT(nn.Module):
             ends = [i for i, t in enumerate(row) if t in stop_tokens]
             results.append(row[:ends[0]] if ends else row)
         return results
+
+
+compiled_flex_attention = torch.compile(flex_attention)  # compiles on first use (CUDA only)
+
+
+def document_mask(positions, flex=None):
+    """Causal attention within each packed document (a document starts where its position is 0).
+    FlexAttention's block mask on CUDA keeps a fused kernel and skips blocks across documents;
+    elsewhere a dense (B, 1, T, T) mask for SDPA (FlexAttention has no CPU backward)."""
+    docs = (positions == 0).cumsum(1)
+    B, T = docs.shape
+    if docs.is_cuda if flex is None else flex:
+        def same_document(b, h, q, k):
+            return (k <= q) & (docs[b, q] == docs[b, k])
+        return create_block_mask(same_document, B, None, T, T, device=docs.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
+    return (causal & (docs[:, :, None] == docs[:, None, :]))[:, None]
 
 
 def left_pad(prompts, device):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import tasks
 from common import UserError, run_main, write_json
-from config import parse_config
+from config import TrainConfig, parse_config
 
 
 @dataclass
@@ -38,7 +38,7 @@ class PipelineConfig:
     pretrain_args: str = ""  # extra --key=value overrides
     finetune_config: str = "config/finetune_smoke.py"
     finetune_args: str = ""
-    finetune_block_size: int = 64
+    finetune_block_size: int = 0  # 0: the pretraining config's block_size (the model's context)
     finetune_limit: int = 0  # rows per split for prepare_finetune (0: all)
     eval_limit: int = 0  # examples per task for evaluate (0: all)
     eval_args: str = ""
@@ -70,9 +70,17 @@ def python_cmd(script, cfg):
     return [sys.executable, in_repo(script)]
 
 
+def finetune_block_size(cfg):
+    """Set once, in the pretraining config: the finetuning data fills the model's context."""
+    if cfg.finetune_block_size:
+        return cfg.finetune_block_size
+    return parse_config(TrainConfig, [in_repo(cfg.pretrain_config)] + cfg.pretrain_args.split()).block_size
+
+
 def build_steps(cfg, data_root):
     out, owt = os.path.join("out", cfg.run), os.path.join("data", cfg.owt_name)
-    ft_data = os.path.join("data", f"finetune_{cfg.finetune_block_size}" +
+    block_size = finetune_block_size(cfg)
+    ft_data = os.path.join("data", f"finetune_{block_size}" +
                            (f"_limit{cfg.finetune_limit}" if cfg.finetune_limit else ""))
     root = [f"--data-root={data_root}"] if data_root else []
     pre_cfg, ft_cfg = in_repo(cfg.pretrain_config), in_repo(cfg.finetune_config)
@@ -89,7 +97,7 @@ def build_steps(cfg, data_root):
              f"--out_dir={out}/pretrain", "--resume"] + cfg.pretrain_args.split(),
              [pre_cfg, f"{owt}/meta.json"], [pre_ckpt], resumable_dir=f"{out}/pretrain"),
         Step("prepare_finetune", python_cmd("prepare_finetune.py", cfg) + [
-             f"--block-size={cfg.finetune_block_size}", f"--out-dir={ft_data}"]
+             f"--block-size={block_size}", f"--out-dir={ft_data}"]
              + ([f"--limit={cfg.finetune_limit}"] if cfg.finetune_limit else []) + root,
              [in_repo("tasks.py")], task_meta),
         Step("finetune", python_cmd("finetune.py", cfg) + [ft_cfg, f"--init_from={pre_ckpt}",

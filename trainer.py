@@ -4,9 +4,9 @@ It runs on one CPU, one GPU, or many processes under torchrun (DDP), with autoca
 torch.compile, gradient accumulation, warmup + cosine learning rate, clipping, periodic
 evaluation, a metrics log and atomic checkpoints that resume exactly.
 
-A batch is (x, y, loss_rows, loss_weights): inputs, next-token targets, and for finetuning the
-flat positions that carry loss with their weights (built by the data loader, so the model never
-has to look at a mask on the host). The host waits for the device only at logged steps.
+A batch is (x, y, loss_rows, loss_weights, positions): inputs, next-token targets, and for
+finetuning the flat positions that carry loss with their weights and the token positions of the
+packed documents (built by the data loader, so the model never has to look at a mask on the host). The host waits for the device only at logged steps.
 """
 import contextlib
 import json
@@ -117,9 +117,9 @@ def estimate_losses(model, eval_sources, eval_iters, rt):
     for name, source in eval_sources.items():
         total = torch.zeros(2, device=rt.device)
         for k in range(rt.rank, eval_iters, rt.world_size):
-            x, y, rows, weights = (t.to(rt.device) if t is not None else None for t in source.batch(0, k))
+            x, y, rows, weights, positions = (t.to(rt.device) if t is not None else None for t in source.batch(0, k))
             with rt.autocast():
-                _, loss = model(x, targets=y, loss_rows=rows, loss_weights=weights)
+                _, loss = model(x, targets=y, loss_rows=rows, loss_weights=weights, positions=positions)
             total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
         if rt.ddp:
             dist.all_reduce(total)
@@ -214,12 +214,12 @@ class Run:
             for group in opt.param_groups:
                 group["lr"] = lr_at(self.iter, self.cfg, group["initial_lr"])
         for k in range(self.micro_steps):
-            x, y, rows, weights = batches.next()
+            x, y, rows, weights, positions = batches.next()
             self.first_inputs = x if self.first_inputs is None else self.first_inputs
             last = k == self.micro_steps - 1
             with contextlib.nullcontext() if not self.rt.ddp or last else self.model.no_sync():
                 with self.rt.autocast():
-                    _, loss = self.model(x, targets=y, loss_rows=rows, loss_weights=weights)
+                    _, loss = self.model(x, targets=y, loss_rows=rows, loss_weights=weights, positions=positions)
                 self.scaler.scale(loss / self.micro_steps).backward()
         if self.cfg.grad_clip:
             for opt in self.optimizers:

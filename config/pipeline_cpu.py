@@ -6,5 +6,4 @@ run = "cpu"
 owt_name = "owt"
 pretrain_config = "config/pretrain_cpu.py"
 finetune_config = "config/finetune_cpu.py"
-finetune_block_size = 512
 eval_limit = 500

@@ -7,6 +7,5 @@ owt_max_tokens = 3_300_000_000
 pretrain_config = "config/pretrain_gpt2_124m.py"
 finetune_config = "config/finetune_gpu.py"
 finetune_args = "--gradient_accumulation_steps=8"
-finetune_block_size = 1024
 eval_args = "--num-beams 4 --no-repeat-ngram-size 3"
 nproc = 8

@@ -6,5 +6,4 @@ owt_name = "owt_1500m"
 owt_max_tokens = 1_500_000_000
 pretrain_config = "config/pretrain_gpt2_124m_1gpu.py"
 finetune_config = "config/finetune_gpu.py"
-finetune_block_size = 1024
 eval_args = "--num-beams 4 --no-repeat-ngram-size 3"

@@ -6,6 +6,5 @@ owt_max_tokens = 300_000
 owt_val_fraction = 0.05  # a few documents, enough for a validation loss
 pretrain_config = "config/pretrain_smoke.py"
 finetune_config = "config/finetune_smoke.py"
-finetune_block_size = 256
 finetune_limit = 64
 eval_limit = 4

@@ -9,6 +9,7 @@ import torch
 
 import finetune
 import prepare_finetune
+import tasks
 from common import EOT, UserError
 from data import FinetuneMixture, loss_mask
 from model import GPT, GPTConfig
@@ -19,16 +20,17 @@ BLOCK = 256
 
 
 class FakeSplit:
-    """Examples whose tokens name their task: prompt = [task] * 3, target = [100 + task] * 2 + EOT."""
+    """Examples whose tokens name their task: prompt = [task] * 3, target = [100 + task] * k + EOT."""
 
-    def __init__(self, task, n=50):
-        self.task, self.n = task, n
+    def __init__(self, task, n=50, target_len=2):
+        self.task, self.n, self.target_len = task, n, target_len
+        self.index = np.array([[0, 3, 4 + target_len]] * n)  # (offset, prompt length, length), as prepared
 
     def __len__(self):
         return self.n
 
     def example(self, i):
-        return np.array([self.task] * 3 + [100 + self.task] * 2 + [EOT]), 3
+        return np.array([self.task] * 3 + [100 + self.task] * self.target_len + [EOT]), 3
 
 
 def test_task_sampling_follows_the_weights():
@@ -56,14 +58,58 @@ def test_loss_mask_covers_exactly_targets_and_their_eot():
     assert not mask[0][17:].any()
 
 
-def test_replay_rows_carry_loss_everywhere(tmp_path):
+def weight_per_document(batch):
+    """[(first token, total loss weight)] of each document packed in a batch, row by row."""
+    x, _, rows, weights, positions = batch
+    weight = torch.zeros(x.numel()).index_add_(0, rows, weights)
+    doc = (positions == 0).reshape(-1).cumsum(0) - 1  # every row starts a document
+    totals = torch.zeros(int(doc[-1]) + 1).index_add_(0, doc, weight)
+    return list(zip(x.reshape(-1)[positions.reshape(-1) == 0].tolist(), totals.tolist()))
+
+
+def test_replay_text_carries_exactly_its_share_of_the_loss_and_of_the_positions(tmp_path):
     from data import TokenWindows
-    np.arange(1000, dtype=np.uint16).tofile(tmp_path / "owt.bin")
+    np.arange(1000, 3000, dtype=np.uint16).tofile(tmp_path / "owt.bin")  # replay tokens are >= 1000
     replay = TokenWindows(str(tmp_path / "owt.bin"), 20, 4, seed=0)
-    mix = FinetuneMixture({"a": FakeSplit(1)}, {"a": 1.0}, 20, 64, 0, replay=replay, replay_fraction=0.25)
-    rows = [mix.batch(s, 0) for s in range(5)]
-    full = sum(int(loss_mask(b).all(1).sum()) for b in rows)
-    assert 0.1 < full / (5 * 64) < 0.4
+    mix = FinetuneMixture({"a": FakeSplit(1)}, {"a": 1.0}, 20, 8, 0, replay=replay, replay_fraction=0.25)
+    for step in range(3):
+        batch = mix.batch(step, 0)
+        replay_weight = sum(w for first, w in weight_per_document(batch) if 1000 <= first < 3000)
+        assert replay_weight == pytest.approx(0.25, abs=1e-6)
+        x = batch[0]
+        assert float(((x >= 1000) & (x < 3000)).float().mean()) == pytest.approx(0.25, abs=0.01)
+
+
+@pytest.mark.parametrize("average, long_over_short", [("example", 1.0), ("token", 10 / 2)])
+def test_task_loss_is_averaged_per_example_or_per_target_token(average, long_over_short):
+    splits = {"short": FakeSplit(1, target_len=1), "long": FakeSplit(2, target_len=9)}  # 2 and 10 targets
+    mix = FinetuneMixture(splits, {"short": 1.0, "long": 1.0}, 64, 4, 0, average=average)
+    for step in range(3):
+        docs = weight_per_document(mix.batch(step, 0))
+        short = {round(w, 6) for first, w in docs if first == 1}
+        long = {round(w, 6) for first, w in docs if first == 2}
+        assert len(short) == len(long) == 1  # all examples of a task weigh the same
+        assert long.pop() / short.pop() == pytest.approx(long_over_short, rel=1e-4)
+        assert sum(w for _, w in docs) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("block_size, weights", [(512, (1, 1, 1)), (1024, (2, 2, 1))])
+def test_packed_mix_follows_the_weights_with_real_example_lengths(shared_data, tmp_path, block_size, weights):
+    names = ("cnn_dailymail", "squad", "sst2")
+    prepare_finetune.main(["--data-root", str(shared_data), "--out-dir", str(tmp_path), "--splits", "train",
+                           "--block-size", str(block_size), "--limit", "300", "--num-proc", "1"])
+    splits = {n: tasks.FinetuneSplit(str(tmp_path / n / "train")) for n in names}
+    first_token = {int(s.example(0)[0][0]): k for k, s in enumerate(splits.values())}  # each instruction's
+    assert len(first_token) == 3
+    mix = FinetuneMixture(splits, dict(zip(names, weights)), block_size, 4, seed=0)  # the CPU preset's rows
+    counts, step = np.zeros(3), 0
+    while counts.sum() < 10_000:
+        batch = mix.batch(step, 0)
+        x, positions = batch[0], batch[4]
+        starts = x[positions == 0].tolist()
+        counts += np.bincount([first_token[t] for t in starts if t in first_token], minlength=3)
+        step += 1
+    assert np.abs(counts / counts.sum() - np.array(weights) / sum(weights)).max() < 0.02, counts
 
 
 def test_unknown_task_weight_is_a_clear_error():
@@ -103,6 +149,7 @@ def test_short_finetune_on_real_data_lowers_every_task_loss(workspace):
         assert last[f"val/{task}"] < first[f"val/{task}"] - 0.5, (task, first, last)
     model = torch.load(workspace / "run" / "model.pt", weights_only=False)
     assert model["tasks_version"] == 1 and model["val_losses"].keys() == {"cnn_dailymail", "squad", "sst2"}
+    assert model["data_block_size"] == BLOCK  # evaluate.py builds its prompts at this size
 
 
 def test_stopped_finetune_resumes_exactly(workspace, monkeypatch):

@@ -1,7 +1,10 @@
 """The model: causal, trainable, and its cached batched generation matches the plain one."""
+import functools
+
 import pytest
 import torch
 
+import model as model_module
 from data import loss_positions
 from model import GPT, GPTConfig
 
@@ -44,6 +47,20 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(variant):
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     alone = [model.generate([p], 16, stop_tokens=())[0] for p in prompts]
     assert model.generate(prompts, 16, stop_tokens=()) == alone
+
+
+@pytest.mark.parametrize("flex", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_documents_each_see_only_themselves_from_position_0(variant, flex, monkeypatch):
+    # flex=True: FlexAttention's block mask, as on a GPU (on the CPU it runs forward only, unfused)
+    monkeypatch.setattr(model_module, "document_mask", functools.partial(model_module.document_mask, flex=flex))
+    model = tiny(**VARIANTS[variant])
+    docs = [torch.randint(0, 512, (n,)) for n in (5, 9, 2)]
+    positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    with torch.no_grad():
+        packed, _ = model(torch.cat(docs)[None], positions=positions, all_logits=True)
+        alone = torch.cat([model(d[None], all_logits=True)[0] for d in docs], 1)
+    assert torch.allclose(packed, alone, atol=1e-5)
 
 
 def test_generation_stops_at_stop_token_and_drops_it():
