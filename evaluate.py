@@ -50,6 +50,7 @@ class EvalSettings:
     constrained: bool = False        # SQuAD only: answers are spans of the passage
     max_new_tokens: Optional[int] = None  # None: the task's own
     data_root: Optional[str] = None  # for SST-2's training labels (majority baseline)
+    prompt_block_size: Optional[int] = None  # the finetuning data's (model.pt records it); None: the model's
     progress: bool = True
 
 
@@ -95,7 +96,7 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext):
     task = tasks.get_task(task) if isinstance(task, str) else task
     started = time.perf_counter()
     model.eval()
-    prompts = [task.prompt(row, enc, model.config.block_size) for row in rows]
+    prompts = [task.prompt(row, enc, settings.prompt_block_size or model.config.block_size) for row in rows]
     decoding = decoding_settings(task, settings)
     labels = [enc.encode_ordinary(w) for w in task.label_words or ()]
     outputs, generated = [None] * len(rows), 0
@@ -175,6 +176,15 @@ def warn_if_not_finetuned_here(ckpt, path):
     return version
 
 
+def prompt_block_size(ckpt, model, path):
+    """The block size of the data the model was finetuned on: prompts are cut exactly as there."""
+    size = ckpt.get("data_block_size", model.config.block_size)
+    if size > model.config.block_size:
+        raise UserError(f"{path} says it was finetuned on data prepared for block size {size}, more than its "
+                        f"context of {model.config.block_size}: data and checkpoint disagree; re-finetune")
+    return size
+
+
 def file_sha256(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -252,12 +262,14 @@ def main(argv=None):
     rt = setup_runtime(args.device, args.dtype)
     model = model_from_checkpoint(ckpt, args.ckpt).to(rt.device).eval()
     version = warn_if_not_finetuned_here(ckpt, args.ckpt)
+    block_size = prompt_block_size(ckpt, model, args.ckpt)
     del ckpt
     enc = get_tokenizer()
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     settings = EvalSettings(split=args.split, batch_size=args.batch_size, num_beams=args.num_beams,
                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-                            constrained=args.constrained, max_new_tokens=args.max_new_tokens, data_root=args.data_root)
+                            constrained=args.constrained, max_new_tokens=args.max_new_tokens, data_root=args.data_root,
+                            prompt_block_size=block_size)
     common = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt)},
               "tasks_version": tasks.TASKS_VERSION, "checkpoint_tasks_version": version,
               "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")}

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import evaluate
 import tasks
-from common import get_tokenizer
+from common import UserError, get_tokenizer
 from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
 from model import GPT, GPTConfig
 
@@ -166,3 +166,12 @@ def test_evaluate_bad_input(tmp_path, shared_data):
     (tmp_path / "empty" / "squad" / "validation.jsonl").write_text("")
     line = error_line(run_eval("--task", "squad", "--ckpt", plain, "--data-root", tmp_path / "empty"))
     assert "no rows" in line
+
+
+def test_prompts_are_cut_at_the_block_size_of_the_finetuning_data(tmp_path, shared_data):
+    model = tiny(block_size=512)
+    assert evaluate.prompt_block_size({"data_block_size": 256}, model, "model.pt") == 256
+    assert evaluate.prompt_block_size({}, model, "ckpt.pt") == 512  # not finetuned here: the model's context
+    bad = save_checkpoint(tmp_path / "model.pt", tasks_version=tasks.TASKS_VERSION, data_block_size=1024)
+    with pytest.raises(UserError, match="block size 1024, more than its context of 512: data and checkpoint disagree"):
+        evaluate.main(["--task", "sst2", "--ckpt", str(bad), "--data-root", str(shared_data), "--limit", "1"])
