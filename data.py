@@ -58,8 +58,8 @@ class FinetuneMixture:
 
     The loss is (1 - replay_fraction) * task loss + replay_fraction * replay loss. Within the
     tasks `average="example"` gives every example in the batch the same weight, spread over its
-    target tokens, so task_weights are the tasks' shares of the loss too ("token": every target
-    token weighs the same, which hands most of the loss to CNN/DM's long summaries)."""
+    target tokens, so task_weights are roughly the tasks' shares of the loss too ("token": every
+    target token weighs the same, which hands most of the loss to CNN/DM's long summaries)."""
 
     def __init__(self, splits, weights, block_size, batch_size, seed, split_id=0,
                  replay=None, replay_fraction=0.0, average="example"):

@@ -114,7 +114,7 @@ class CausalSelfAttention(nn.Module):
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if isinstance(mask, BlockMask):  # packed documents, with a fused kernel once compiled
+        if isinstance(mask, BlockMask):  # packed documents, fused once compiled (no attention dropout)
             y = (compiled_flex_attention if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
         else:  # mask None: plain causal training, which lets SDPA pick flash kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
