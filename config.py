@@ -82,6 +82,7 @@ class FinetuneConfig(TrainConfig):
     mix_cap: int = 20000  # with empty task_weights, a task counts at most this many examples
     replay_fraction: float = 0.1  # share of positions and of the loss that is pretraining text (against forgetting)
     task_average: str = "example"  # example: each example weighs the same | token: each target token does
+    isolate_examples: bool = True  # each packed example attends only to itself, from position 0
     learning_rate: float = 1e-4
     min_lr: float = 1e-5
     warmup_iters: int = 20

@@ -62,7 +62,7 @@ class FinetuneMixture:
     target token weighs the same, which hands most of the loss to CNN/DM's long summaries)."""
 
     def __init__(self, splits, weights, block_size, batch_size, seed, split_id=0,
-                 replay=None, replay_fraction=0.0, average="example"):
+                 replay=None, replay_fraction=0.0, average="example", isolate=True):
         if average not in ("example", "token"):
             raise UserError(f"average={average!r}; choose example or token")
         self.splits, self.names = [splits[n] for n in splits], list(splits)
@@ -72,6 +72,7 @@ class FinetuneMixture:
         self.room = block_size + 1  # tokens per row: inputs and the last target
         self.block_size, self.batch_size, self.seed, self.split_id = block_size, batch_size, seed, split_id
         self.replay, self.replay_fraction, self.average = replay, replay_fraction if replay else 0.0, average
+        self.isolate = isolate  # False: examples see the ones before them in their row (no positions)
         self.replay_len = int(round(self.replay_fraction * batch_size * self.room))
         if self.replay_len and batch_size * self.room - self.replay_len < max(map(np.min, self.lengths)):
             raise UserError(f"replay_fraction {replay_fraction} leaves no room for task examples; lower it")
@@ -146,7 +147,8 @@ class FinetuneMixture:
         positions = col - np.maximum.accumulate(np.where(starts, col, 0), axis=1)
         loss_rows, loss_weights = loss_positions(weight[:, 1:])  # a target carries loss if its token does
         x, y = inputs_and_targets(torch.from_numpy(tokens))
-        return x, y, loss_rows, loss_weights, torch.from_numpy(positions[:, :-1]).contiguous()
+        positions = torch.from_numpy(positions[:, :-1]).contiguous() if self.isolate else None
+        return x, y, loss_rows, loss_weights, positions
 
 
 class RandomTokens:

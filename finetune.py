@@ -90,7 +90,8 @@ def main(argv=None):
     if cfg.replay_fraction > 0:
         replay = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
     train_source = FinetuneMixture(train_splits, weights, cfg.block_size, cfg.batch_size, cfg.seed,
-                                   replay=replay, replay_fraction=cfg.replay_fraction, average=cfg.task_average)
+                                   replay=replay, replay_fraction=cfg.replay_fraction, average=cfg.task_average,
+                                   isolate=cfg.isolate_examples)
     # validation loss per target token: comparable across objectives and with evaluate.py
     eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, cfg.batch_size, cfg.seed, split_id=1,
                                        average="token") for n, s in val_splits.items()}

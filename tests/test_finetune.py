@@ -56,6 +56,9 @@ def test_loss_mask_covers_exactly_targets_and_their_eot():
     # 3 whole examples of 6 tokens fit in 21 positions; the rest is padding without loss
     assert y[0][mask[0]].tolist() == [107, 107, EOT] * 3
     assert not mask[0][17:].any()
+    assert batch[4][0].tolist()[:7] == [0, 1, 2, 3, 4, 5, 0]  # each example starts at position 0
+    shared = FinetuneMixture({"a": FakeSplit(7)}, {"a": 1.0}, block_size=20, batch_size=2, seed=0, isolate=False)
+    assert shared.batch(0, 0)[4] is None  # plain causal attention over the whole row
 
 
 def weight_per_document(batch):
