@@ -4,6 +4,7 @@ Defaults are the GPT-2 recipe: learned positions, LayerNorm, GELU MLP, tied embe
 Modern variants (RoPE, RMSNorm, SwiGLU / ReLU^2, QK-norm, untied head, no biases) are
 config fields, each a few lines at its natural place, so one file serves every preset.
 """
+import functools
 import math
 from dataclasses import dataclass
 
@@ -115,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if isinstance(mask, BlockMask):  # packed documents, fused once compiled (no attention dropout)
-            y = (compiled_flex_attention if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
+            y = (compiled_flex_attention() if q.is_cuda else flex_attention)(q, k, v, block_mask=mask)
         else:  # mask None: plain causal training, which lets SDPA pick flash kernels
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -299,7 +300,9 @@ class GPT(nn.Module):
         return results
 
 
-compiled_flex_attention = torch.compile(flex_attention)  # compiles on first use (CUDA only)
+@functools.cache
+def compiled_flex_attention():
+    return torch.compile(flex_attention)  # made on first use: loading the compiler takes seconds
 
 
 def document_mask(positions, flex=None):
