@@ -74,3 +74,16 @@ def test_killed_pipeline_resumes_pretraining_from_its_checkpoint(finished_run, s
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from out/killed/pretrain/ckpt.pt at iteration" in resumed.stdout
     assert ran_steps(resumed.stdout)[0] == "pretrain"  # prepare_owt was already done
+
+
+def test_finetuning_data_takes_the_block_size_of_the_pretraining_config():
+    import pipeline as pipeline_module
+    from config import parse_config
+
+    def block_size(*argv):
+        cfg = parse_config(pipeline_module.PipelineConfig, [str(ROOT / "config" / "pipeline_cpu.py"), *argv])
+        return pipeline_module.finetune_block_size(cfg)
+
+    assert block_size() == 512  # config/pretrain_cpu.py's
+    assert block_size("--pretrain_args=--block_size=256") == 256
+    assert block_size("--finetune_block_size=384") == 384
