@@ -65,6 +65,8 @@ class FinetuneMixture:
                  replay=None, replay_fraction=0.0, average="example", isolate=True):
         if average not in ("example", "token"):
             raise UserError(f"average={average!r}; choose example or token")
+        if not 0 <= replay_fraction < 1:
+            raise UserError(f"replay_fraction={replay_fraction} must be at least 0 and below 1")
         self.splits, self.names = [splits[n] for n in splits], list(splits)
         w = np.array([weights[n] for n in self.names], dtype=np.float64)
         self.weights = w / w.sum()
