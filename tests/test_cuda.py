@@ -70,6 +70,23 @@ def test_compiled_finetuning_step_never_waits_for_the_host():
     assert torch.isfinite(loss).item()
 
 
+def test_compiled_step_on_packed_documents_uses_flex_attention():
+    """Finetuning rows pack several examples; each attends only to itself (FlexAttention block mask)."""
+    eager = small()
+    compiled = torch.compile(small())
+    x, y = (torch.randint(0, 50257, (2, 256), device=CUDA) for _ in range(2))
+    positions = torch.cat([torch.arange(100), torch.arange(156)]).repeat(2, 1).to(CUDA)  # two documents a row
+    mask = np.ones((2, 256), dtype=bool)
+    rows, weights = (t.to(CUDA) for t in loss_positions(mask))
+    losses = []
+    for model in (eager, compiled):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(x, targets=y, loss_rows=rows, loss_weights=weights, positions=positions)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
 def test_batches_are_pinned_on_the_prefetch_thread():
     fetch = Prefetcher(RandomTokens(64, 2, seed=0), CUDA, [(0, 0), (1, 0)])
     queued = fetch.queue.get()  # what the worker thread prepared

@@ -36,7 +36,7 @@ def test_a_single_gpu_gets_an_indexed_device(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     for name in ("auto", "cuda"):
         rt = runtime.setup_runtime(name)
         assert rt.device == torch.device("cuda:0") and rt.dtype == torch.bfloat16
