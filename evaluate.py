@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 import tasks
 from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
-from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
+from generation import batched_beam_search, constrained_span_decode, decode_text, label_logprobs
 from checkpoint import load_checkpoint, model_from_checkpoint
 from corpus import documents
 from data import open_tokens
@@ -84,8 +84,8 @@ def _generate(model, prompts, decoding):
     if decoding["strategy"] == "constrained_span":
         return constrained_span_decode(model, batch, [p.ids[slice(*p.input_span)] for p in prompts], n)
     if decoding["strategy"] == "beam":
-        return [beam_search(model, p, decoding["num_beams"], n, decoding["length_penalty"],
-                            decoding["no_repeat_ngram_size"], decoding["stop_tokens"]) for p in batch]
+        return batched_beam_search(model, batch, decoding["num_beams"], n, decoding["length_penalty"],
+                                   decoding["no_repeat_ngram_size"], decoding["stop_tokens"])
     return model.generate(batch, n, stop_tokens=decoding["stop_tokens"])
 
 

@@ -90,8 +90,15 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reorder(self, rows):
-        """Keep/duplicate batch rows (beam search)."""
-        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+        """Keep/duplicate batch rows (beam search). Only the filled prefix is copied, not the
+        preallocated tail; a new number of rows gets new tensors of the same max_len."""
+        n = self.length
+        k, v, valid = self.k[:, rows, :, :n], self.v[:, rows, :, :n], self.valid[rows, :n]
+        if len(rows) != self.k.size(1):
+            self.k = self.k.new_zeros(self.k.size(0), len(rows), *self.k.shape[2:])
+            self.v = torch.zeros_like(self.k)
+            self.valid = self.valid.new_zeros(len(rows), self.valid.size(1))
+        self.k[:, :, :, :n], self.v[:, :, :, :n], self.valid[:, :n] = k, v, valid
 
 
 class CausalSelfAttention(nn.Module):
