@@ -107,10 +107,10 @@ def _ban_repeated_ngrams(logp, generated, n):
         return logp
     windows = generated.unfold(1, n, 1)  # (rows, L - n + 1, n)
     repeats = (windows[..., :-1] == generated[:, None, generated.size(1) - n + 1:]).all(-1)
-    vocab = logp.size(1)  # an extra column takes the windows that do not repeat
-    ban = logp.new_zeros(logp.size(0), vocab + 1).scatter_(
-        1, torch.where(repeats, windows[..., -1], vocab), -float("inf"))
-    return logp + ban[:, :vocab]
+    # min with +inf leaves a token as it is: a token that also ends a window that does not
+    # repeat is still banned (a plain scatter would let either window win)
+    inf = torch.tensor(float("inf"), device=logp.device)
+    return logp.scatter_reduce_(1, windows[..., -1], torch.where(repeats, -inf, inf), reduce="amin")
 
 
 class _Finished:
@@ -122,14 +122,15 @@ class _Finished:
         self.tokens = torch.zeros(n_prompts, num_beams, max_len, dtype=torch.long, device=device)
         self.length = torch.zeros(n_prompts, num_beams, dtype=torch.long, device=device)
 
-    def add(self, score, tokens, length):
-        """Candidates: score (N, c), -inf for none; tokens (N, c, max_len); length (N, c)."""
-        score = torch.cat((self.score, score), 1)
+    def add(self, prompts, score, tokens, length):
+        """Candidates of the given prompts: score (n, c), -inf for none; tokens (n, c, max_len)."""
+        score = torch.cat((self.score[prompts], score), 1)
         best = score.topk(self.score.size(1), dim=1).indices
-        self.score = score.gather(1, best)
-        self.length = torch.cat((self.length, length), 1).gather(1, best)
-        tokens = torch.cat((self.tokens, tokens), 1)
-        self.tokens = tokens.gather(1, best[..., None].expand(-1, -1, tokens.size(2)))
+        self.score[prompts] = score.gather(1, best)
+        length = torch.cat((self.length[prompts], torch.full_like(best, length)), 1)
+        self.length[prompts] = length.gather(1, best)
+        tokens = torch.cat((self.tokens[prompts], tokens), 1)
+        self.tokens[prompts] = tokens.gather(1, best[..., None].expand(-1, -1, tokens.size(2)))
 
     def best(self):
         """Each prompt's best hypothesis as a list of ids ([] if it has none)."""
@@ -162,7 +163,8 @@ def batched_beam_search(model, prompts, num_beams, max_new_tokens, length_penalt
     """beam_search of many prompts at once, with the same result for each. The prompts go
     through the model once, left-padded; then each has num_beams rows (prompt-major) and every
     step is one forward of all rows. Beams, finished hypotheses and n-gram blocking stay on the
-    device: one host sync per step (are all prompts done?), one at the end."""
+    device; a prompt whose search is over leaves the batch. Host syncs: which prompts are done,
+    and which cache rows move, once a step."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     device, nb = model.wte.weight.device, num_beams
@@ -179,29 +181,32 @@ def batched_beam_search(model, prompts, num_beams, max_new_tokens, length_penalt
     scores = torch.full((N, nb), -float("inf"), device=device)
     scores[:, 0] = 0.0  # one live beam to start: the prompt itself
     generated = torch.zeros(N * nb, max_new_tokens, dtype=torch.long, device=device)
-    finished, done = _Finished(N, nb, max_new_tokens, device), torch.zeros(N, dtype=torch.bool, device=device)
-    first_row = torch.arange(N, device=device)[:, None] * nb
+    finished, active = _Finished(N, nb, max_new_tokens, device), torch.arange(N, device=device)
+    beam = torch.arange(nb, device=device)
     for step in range(max_new_tokens):
-        norm = (step + 1) ** length_penalty
+        n, norm = len(active), (step + 1) ** length_penalty
         logp = _ban_repeated_ngrams(token_logprobs(logits), generated[:, :step], no_repeat_ngram_size)
-        total = (scores.view(-1, 1) + logp).view(N, -1)
-        top, flat, ends, order, keep = _next_beams(total, nb, stop)
-        rows = first_row + flat // logp.size(1)
-        ended = torch.where(ends & ~done[:, None], top[:, :nb].double() / norm, -float("inf"))
-        finished.add(ended, generated[rows[:, :nb]], torch.full_like(rows[:, :nb], step))
+        top, flat, ends, order, keep = _next_beams((scores.view(-1, 1) + logp).view(n, -1), nb, stop)
+        rows = torch.arange(n, device=device)[:, None] * nb + flat // logp.size(1)
+        finished.add(active, torch.where(ends, top[:, :nb].double() / norm, -float("inf")),
+                     generated[rows[:, :nb]], step)
         scores = torch.where(keep, top.gather(1, order), -float("inf"))
-        rows, tokens = rows.gather(1, order).view(-1), (flat % logp.size(1)).gather(1, order)
+        rows, tokens = rows.gather(1, order).view(-1), (flat % logp.size(1)).gather(1, order).view(-1)
         generated = generated[rows]
-        generated[:, step] = tokens.view(-1)
-        if step == max_new_tokens - 1:  # the live beams end here, unless their prompt is done
-            live = torch.where(keep & ~done[:, None], scores.double() / norm, -float("inf"))
-            finished.add(live, generated.view(N, nb, -1), torch.full_like(live, step + 1, dtype=torch.long))
+        generated[:, step] = tokens
+        if step == max_new_tokens - 1:  # the live beams end here
+            live = torch.where(keep, scores.double() / norm, -float("inf"))
+            finished.add(active, live, generated.view(n, nb, -1), step + 1)
             break
-        full = finished.score[:, -1] > -float("inf")  # num_beams finished, none live beats them
-        done |= ~keep[:, 0] | (full & (finished.score[:, -1] >= scores[:, 0].double() / norm))
-        scores = scores.masked_fill(done[:, None], -float("inf"))
-        if done.all():
+        worst = finished.score[active, -1]  # num_beams finished and no live beam beats them
+        done = ~keep[:, 0] | ((worst > -float("inf")) & (worst >= scores[:, 0].double() / norm))
+        running = (~done).nonzero().squeeze(1)
+        if len(running) == 0:
             break
+        if len(running) < n:
+            kept = (running[:, None] * nb + beam).view(-1)
+            active, scores, rows, tokens = active[running], scores[running], rows[kept], tokens[kept]
+            generated, last_pos = generated[kept], last_pos[kept]
         cache.reorder(rows)
         logits, _ = model(tokens.view(-1, 1), positions=last_pos + step + 1, cache=cache)
         logits = logits[:, -1]

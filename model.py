@@ -90,15 +90,23 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reorder(self, rows):
-        """Keep/duplicate batch rows (beam search). Only the filled prefix is copied, not the
-        preallocated tail; a new number of rows gets new tensors of the same max_len."""
+        """Row i becomes row rows[i] (beam search keeps, drops and duplicates beams). Only the
+        filled prefix of the rows that change is copied, not the preallocated tail; a new number
+        of rows gets new tensors of the same max_len."""
         n = self.length
-        k, v, valid = self.k[:, rows, :, :n], self.v[:, rows, :, :n], self.valid[rows, :n]
         if len(rows) != self.k.size(1):
+            k, v, valid = self.k[:, rows, :, :n], self.v[:, rows, :, :n], self.valid[rows, :n]
             self.k = self.k.new_zeros(self.k.size(0), len(rows), *self.k.shape[2:])
             self.v = torch.zeros_like(self.k)
             self.valid = self.valid.new_zeros(len(rows), self.valid.size(1))
-        self.k[:, :, :, :n], self.v[:, :, :, :n], self.valid[:, :n] = k, v, valid
+            self.k[:, :, :, :n], self.v[:, :, :, :n], self.valid[:, :n] = k, v, valid
+            return
+        # most beams continue their own row: those stay where they are (one host sync)
+        moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
+        src = rows[moved]
+        self.k[:, moved, :, :n] = self.k[:, src, :, :n]
+        self.v[:, moved, :, :n] = self.v[:, src, :, :n]
+        self.valid[moved, :n] = self.valid[src, :n]
 
 
 class CausalSelfAttention(nn.Module):
