@@ -95,7 +95,7 @@ def beam_search(model, prompt_ids, num_beams, max_new_tokens, length_penalty=1.0
         rows = [r for _, r, _ in live]
         beams = [beams[r] + [t] for _, r, t in live]
         scores = [s for s, _, _ in live]
-        cache.reorder(torch.tensor(rows, device=device))
+        cache.reorder(torch.tensor(rows, device=device), start=len(prompt))
         logits, _ = model(torch.tensor([[t] for _, _, t in live], device=device), cache=cache)
         logits = logits[:, -1]
     return max(finished, key=lambda h: h[0])[1] if finished else []
@@ -207,7 +207,7 @@ def batched_beam_search(model, prompts, num_beams, max_new_tokens, length_penalt
             kept = (running[:, None] * nb + beam).view(-1)
             active, scores, rows, tokens = active[running], scores[running], rows[kept], tokens[kept]
             generated, last_pos = generated[kept], last_pos[kept]
-        cache.reorder(rows)
+        cache.reorder(rows, start=P)  # a prompt's beams share its keys: only generated ones move
         logits, _ = model(tokens.view(-1, 1), positions=last_pos + step + 1, cache=cache)
         logits = logits[:, -1]
     return finished.best()

@@ -89,10 +89,11 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def reorder(self, rows):
+    def reorder(self, rows, start=0):
         """Row i becomes row rows[i] (beam search keeps, drops and duplicates beams). Only the
-        filled prefix of the rows that change is copied, not the preallocated tail; a new number
-        of rows gets new tensors of the same max_len."""
+        positions [start, length) of the rows that change are copied: not the preallocated tail,
+        nor a prompt that the beams share (start = its length). A new number of rows gets new
+        tensors of the same max_len, filled from position 0."""
         n = self.length
         if len(rows) != self.k.size(1):
             k, v, valid = self.k[:, rows, :, :n], self.v[:, rows, :, :n], self.valid[rows, :n]
@@ -104,9 +105,9 @@ class KVCache:
         # most beams continue their own row: those stay where they are (one host sync)
         moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
         src = rows[moved]
-        self.k[:, moved, :, :n] = self.k[:, src, :, :n]
-        self.v[:, moved, :, :n] = self.v[:, src, :, :n]
-        self.valid[moved, :n] = self.valid[src, :n]
+        self.k[:, moved, :, start:n] = self.k[:, src, :, start:n]
+        self.v[:, moved, :, start:n] = self.v[:, src, :, start:n]
+        self.valid[moved, start:n] = self.valid[src, start:n]
 
 
 class CausalSelfAttention(nn.Module):

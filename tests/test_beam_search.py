@@ -79,6 +79,11 @@ def test_cache_reorder_copies_the_filled_prefix_only():
     cache.reorder(torch.tensor([2, 2, 0]))
     assert torch.equal(cache.k[:, :, :, :4], before[:, [2, 2, 0], :, :4])
     assert torch.equal(cache.k[:, :, :, 4:], before[:, :, :, 4:])  # the unused tail is not touched
+    moved = cache.k.clone()
+    cache.reorder(torch.tensor([2, 1, 0]), start=3)  # positions before 3: a prompt the rows share
+    assert torch.equal(cache.k[:, :, :, :3], moved[:, :, :, :3])
+    assert torch.equal(cache.k[:, :, :, 3:4], moved[:, [2, 1, 0], :, 3:4])
+    cache.reorder(torch.tensor([2, 1, 0]), start=3)
     cache.reorder(torch.tensor([2, 2, 2, 0, 0]))  # more rows: new tensors, same max_len
     assert cache.k.shape[1] == 5 and cache.k.shape[3] == 10
     assert torch.equal(cache.k[:, :, :, :4], before[:, [0, 0, 0, 2, 2], :, :4])
