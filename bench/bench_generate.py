@@ -75,6 +75,7 @@ def time_generate(model, prompts, new_tokens, use_cache, repeats):
 
 
 def bench_cache(args, device):
+    print(f"cache: {args.new_tokens} new tokens after {args.prompt_len}-token prompts")
     model = cpu_model(device)
     if args.prompt_len + args.new_tokens > model.config.block_size:
         raise UserError(f"--prompt-len + --new-tokens must fit block_size {model.config.block_size}")
@@ -165,8 +166,8 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"generation benchmark: {args.new_tokens} new tokens after {args.prompt_len}-token prompts, "
-          f"median of {args.repeats}, {args.threads} thread(s), {device}")
+    print(f"generation benchmark: {', '.join(args.parts)}; median of {args.repeats}, {args.threads} thread(s), "
+          f"{device}")
     report = {"threads": args.threads, "device": str(device)}
     parts = {"cache": bench_cache, "beam": bench_beam, "eval": bench_eval}
     for part in args.parts:
