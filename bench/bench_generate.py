@@ -1,5 +1,5 @@
-"""Benchmark generation: tokens/s with and without the KV cache, per-prompt vs batched beam
-search, and the wall time of a whole-split evaluation.
+"""Benchmark generation (--parts): tokens/s with and without the KV cache (cache), per-prompt vs
+batched beam search (beam), and the wall time of a whole-split evaluation (eval).
 
 The model has the CPU preset's shape (n_layer 4, n_head 4, n_embd 256, block_size 512) with
 random weights (speed does not depend on them). Each prompt has --prompt-len tokens and is
@@ -12,14 +12,15 @@ Beam part: --num-beams beams (n-gram blocking 3, as the gpu preset evaluates) ov
 time (generation.beam_search, the reference) and all of a batch at once
 (batched_beam_search), alternated, median of --repeats; examples/s and whether they agree.
 
-Evaluation part (--eval): evaluate.evaluate_task on each task's scored split, greedy and with
---eval-beams beams, with --ckpt or else random weights in the CPU preset's shape (never an
-EOT, so every example generates the task's whole max_new_tokens: an upper bound). All of a
-split, or the first --limit examples extrapolated to the whole split (reported as an estimate).
+Eval part: evaluate.evaluate_task on each task's scored split, greedy and with --eval-beams
+beams (n-gram blocking 3), with --ckpt or else random weights in the CPU preset's shape (never
+an EOT, so every example generates the task's whole max_new_tokens: an upper bound). All of a
+split, or the first --limit examples extrapolated to the whole split (reported as an
+estimate); --per-prompt-too also times beam runs with the one-prompt-at-a-time search.
 
     python bench/bench_generate.py                      # one thread, as the numbers in the docs
     python bench/bench_generate.py --parts beam --repeats 3
-    python bench/bench_generate.py --parts eval --data-root ../shared/data --limit 64
+    python bench/bench_generate.py --parts eval --data-root ../shared/data --limit 32 --per-prompt-too
 Writes out/bench/generate.json.
 """
 import argparse
@@ -27,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -59,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=["all"], help="eval: tasks to time")
     p.add_argument("--eval-beams", type=int, nargs="+", default=[1, 4], help="eval: 1 is greedy")
     p.add_argument("--limit", type=int, help="eval: time the first N examples of each split and extrapolate")
+    p.add_argument("--per-prompt-too", action="store_true",
+                   help="eval: also time beam runs with the per-prompt reference search, as evaluate.py did before")
     p.add_argument("--batch-size", type=int, default=16, help="eval: evaluation batch size")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "bench", "generate.json"))
     return p.parse_args(argv)
@@ -133,8 +137,20 @@ def bench_beam(args, device):
             "prompt_len": [args.beam_prompt_len // 2, args.beam_prompt_len], "repeats": args.repeats, "runs": rows}
 
 
+def per_prompt_search(model, prompts, *args):
+    """The reference: beam_search one prompt at a time (the batched search's signature)."""
+    return [beam_search(model, p, *args) for p in prompts]
+
+
+def time_eval(model, enc, task, rows, settings, rt, search=None):
+    """evaluate_task's decoding seconds (the baseline's scoring not included), with `search` in
+    place of the batched beam search if given."""
+    with mock.patch.object(evaluate, "batched_beam_search", search or batched_beam_search):
+        return evaluate.evaluate_task(model, enc, task, rows, settings, rt.autocast)[0]["wall_time_s"]
+
+
 def bench_eval(args, device):
-    """Decoding time of each task's scored split (the baseline's scoring not included)."""
+    """Decoding time of each task's scored split, extrapolated from --limit examples."""
     rt = setup_runtime(args.device, num_threads=args.threads)
     model = load_model(args.ckpt, rt.device)[0] if args.ckpt else cpu_model(rt.device)
     enc, runs = get_tokenizer(), []
@@ -145,18 +161,22 @@ def bench_eval(args, device):
         for beams in (args.eval_beams if not task.label_words else [1]):  # labels are scored, not decoded
             settings = evaluate.EvalSettings(split=split, batch_size=args.batch_size, data_root=args.data_root,
                                              num_beams=beams, no_repeat_ngram_size=3 if beams > 1 else 0)
-            result, _ = evaluate.evaluate_task(model, enc, name, timed, settings, rt.autocast)
-            seconds = result["wall_time_s"] * len(rows) / len(timed)
-            runs.append({"task": name, "split": split, "num_beams": beams, "labels_scored": bool(task.label_words),
-                         "examples_timed": len(timed),
-                         "split_size": len(rows), "seconds_timed": result["wall_time_s"],
-                         "full_split_seconds": round(seconds, 1), "full_split_is_estimate": len(timed) < len(rows),
-                         "examples_per_s": result["examples_per_s"]})
-            label = f"ESTIMATE from the first {len(timed)}" if len(timed) < len(rows) else "measured"
-            print(f"{name} {split} ({len(rows)} examples), {'greedy' if beams == 1 else f'beam {beams}'}: "
-                  f"{seconds / 60:.1f} min ({label}); {result['examples_per_s']:.2f} ex/s", flush=True)
+            searches = {"batched": None} | ({"per_prompt": per_prompt_search} if args.per_prompt_too and beams > 1
+                                            else {})
+            for search, fn in searches.items():
+                timed_s = time_eval(model, enc, task, timed, settings, rt, fn)
+                seconds = timed_s * len(rows) / len(timed)
+                runs.append({"task": name, "split": split, "num_beams": beams, "search": search,
+                             "labels_scored": bool(task.label_words), "examples_timed": len(timed),
+                             "split_size": len(rows), "seconds_timed": timed_s, "full_split_seconds": round(seconds, 1),
+                             "full_split_is_estimate": len(timed) < len(rows)})
+                label = f"ESTIMATE from the first {len(timed)}" if len(timed) < len(rows) else "measured"
+                print(f"{name} {split} ({len(rows)} examples), {'greedy' if beams == 1 else f'beam {beams}'}"
+                      f"{'' if beams == 1 else f' ({search})'}: {seconds / 60:.1f} min ({label}); "
+                      f"{len(timed) / timed_s:.2f} ex/s", flush=True)
     for beams in args.eval_beams:
-        total = sum(r["full_split_seconds"] for r in runs if r["num_beams"] == beams or r["labels_scored"])
+        total = sum(r["full_split_seconds"] for r in runs if (r["num_beams"] == beams or r["labels_scored"])
+                    and r["search"] == "batched")
         print(f"all tasks, {'greedy' if beams == 1 else f'beam {beams}'}: {total / 60:.1f} min")
     return {"checkpoint": args.ckpt or "random weights, CPU preset shape", "batch_size": args.batch_size,
             "runs": runs}

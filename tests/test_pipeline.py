@@ -74,7 +74,7 @@ def test_killed_pipeline_resumes_pretraining_from_its_checkpoint(finished_run, s
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group
     proc.wait(timeout=120)
     assert not (finished_run / "out" / "killed" / "pipeline" / "pretrain.json").exists()
-    resumed = pipeline(finished_run, shared_data, *extra[:1], "--run=killed",
+    resumed = pipeline(finished_run, shared_data, *extra[:1], "--run=killed", "--pretrained_shots=",
                        "--pretrain_args=--max_iters=400 --eval_interval=5 --log_interval=1", "--finetune_args=--max_iters=2")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from out/killed/pretrain/ckpt.pt at iteration" in resumed.stdout
