@@ -30,8 +30,8 @@ def describe(task, shots):
     if shots is None:
         return "finetuning prompt"
     if prompt_format(task, shots) is not task:
-        return f"zero-shot: the bare input, then {task.zero_shot_separator!r}"
-    return "finetuning prompt" + (f" after up to {shots} training examples" if shots else " (zero-shot)")
+        return f"the bare input, then {task.zero_shot_separator!r}"
+    return f"finetuning prompt after up to {shots} training examples" if shots else "the finetuning prompt alone"
 
 
 def demonstrations(task, enc, block_size, data_root=None, seed=0):
