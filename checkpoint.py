@@ -6,6 +6,7 @@ run's settings), "weights_sha256" (of the model tensors), and for ckpt.pt also t
 scaler, iteration and every process's RNG state, so that --resume continues exactly.
 """
 import dataclasses
+import glob
 import hashlib
 import os
 import random
@@ -137,3 +138,9 @@ def load_model(path, device="cpu"):
     """The GPT of a ckpt.pt or model.pt, on device, in eval mode, and the checkpoint dict."""
     ckpt = load_checkpoint(path)
     return model_from_checkpoint(ckpt, path).to(device).eval(), ckpt
+
+
+def newest_finetuned(root="out"):
+    """The most recently written model.pt (finetune.py's deliverable) under root, or None."""
+    paths = glob.glob(os.path.join(root, "**", "model.pt"), recursive=True)
+    return max(paths, key=os.path.getmtime) if paths else None

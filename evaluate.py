@@ -1,6 +1,8 @@
 """Score a checkpoint on the finetuning tasks, beside a trivial baseline, and on web-text loss.
 
+    python evaluate.py --task squad                        # the newest finetuned out/**/model.pt
     python evaluate.py --task squad --ckpt out/finetune/model.pt --data-root ../shared/data
+    python evaluate.py --task all --ckpt out/pretrain/ckpt.pt --shots 3   # pretrained, few-shot
     python evaluate.py --task all --ckpt out/finetune/model.pt --limit 200 --constrained
     python evaluate.py --task cnn_dailymail --ckpt model.pt --num-beams 4 --no-repeat-ngram-size 3
     python evaluate.py --task owt --ckpt out/pretrain/ckpt.pt --owt-bin data/owt/val.bin --limit 100
@@ -12,9 +14,13 @@ Baselines: Lead-3 (CNN/DM), the sentence sharing most words with the question (S
 majority training label (SST-2); all scored by the same metrics.py code as the model.
 owt: mean next-token loss and perplexity over non-overlapping block_size windows.
 
-Writes to --out (default <checkpoint folder>/eval): <task>_<split>_predictions.jsonl and
-<task>_<split>_metrics.json (scores, baseline, decoding settings, checkpoint sha256, data
-source, tasks_version, speed). evaluate_task() is the same core for use from Python.
+Each task is scored on its first eval split (CNN/DM: test; SQuAD, SST-2: validation) unless
+--split says otherwise. --shots K (fewshot.py) puts K solved training examples before each prompt
+(as many as fit the block); --shots 0 is zero-shot (CNN/DM in GPT-2's "TL;DR:" format); without
+it the prompt is the finetuning one. Writes to --out (default <checkpoint folder>/eval):
+<task>_<split>_predictions.jsonl and <task>_<split>_metrics.json (scores, baseline, decoding
+settings, shots, checkpoint sha256, data source, tasks_version, speed). evaluate_task() is the
+same core for use from Python.
 """
 import argparse
 import hashlib
@@ -23,17 +29,18 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import fewshot
 import tasks
 from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
-from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
-from checkpoint import load_checkpoint, model_from_checkpoint
+from generation import batched_beam_search, constrained_span_decode, decode_text, label_logprobs
+from checkpoint import load_checkpoint, model_from_checkpoint, newest_finetuned
 from corpus import documents
 from data import open_tokens
 from runtime import setup_runtime
@@ -49,8 +56,9 @@ class EvalSettings:
     no_repeat_ngram_size: int = 0
     constrained: bool = False        # SQuAD only: answers are spans of the passage
     max_new_tokens: Optional[int] = None  # None: the task's own
-    data_root: Optional[str] = None  # for SST-2's training labels (majority baseline)
+    data_root: Optional[str] = None  # for training rows: the majority baseline, few-shot examples
     prompt_block_size: Optional[int] = None  # the finetuning data's (model.pt records it); None: the model's
+    shots: Optional[int] = None      # None: the finetuning prompt; K: K training examples first
     progress: bool = True
 
 
@@ -84,8 +92,8 @@ def _generate(model, prompts, decoding):
     if decoding["strategy"] == "constrained_span":
         return constrained_span_decode(model, batch, [p.ids[slice(*p.input_span)] for p in prompts], n)
     if decoding["strategy"] == "beam":
-        return [beam_search(model, p, decoding["num_beams"], n, decoding["length_penalty"],
-                            decoding["no_repeat_ngram_size"], decoding["stop_tokens"]) for p in batch]
+        return batched_beam_search(model, batch, decoding["num_beams"], n, decoding["length_penalty"],
+                                   decoding["no_repeat_ngram_size"], decoding["stop_tokens"])
     return model.generate(batch, n, stop_tokens=decoding["stop_tokens"])
 
 
@@ -96,7 +104,8 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext):
     task = tasks.get_task(task) if isinstance(task, str) else task
     started = time.perf_counter()
     model.eval()
-    prompts = [task.prompt(row, enc, settings.prompt_block_size or model.config.block_size) for row in rows]
+    prompts, shots, shots_record = fewshot.build_prompts(task, rows, enc, settings.prompt_block_size or
+                                                          model.config.block_size, settings.shots, settings.data_root)
     decoding = decoding_settings(task, settings)
     labels = [enc.encode_ordinary(w) for w in task.label_words or ()]
     outputs, generated = [None] * len(rows), 0
@@ -111,8 +120,8 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext):
             outputs[i] = result
     elapsed = time.perf_counter() - started
     predictions = []
-    for row, out in zip(rows, outputs):
-        pred = {"id": task.example_id(row)}
+    for row, out, n_shots in zip(rows, outputs, shots):
+        pred = {"id": task.example_id(row)} | ({} if n_shots is None else {"shots": n_shots})
         if labels:
             pred["prediction"] = task.label_words[int(np.argmax(out))].strip()
             pred["label_logprobs"] = {w.strip(): lp for w, lp in zip(task.label_words, out)}
@@ -123,6 +132,7 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext):
     scores = task.score([p["prediction"] for p in predictions], [p["references"] for p in predictions])
     result = {"task": task.name, "split": settings.split, "count": len(rows), "scores": scores,
               "baseline": task.baseline(rows, settings.data_root, settings.split), "decoding": decoding,
+              "shots": shots_record,
               "wall_time_s": round(elapsed, 3), "examples_per_s": round(len(rows) / elapsed, 3),
               "generated_tokens": None if labels else generated,
               "generated_tokens_per_s": None if labels else round(generated / elapsed, 2)}
@@ -165,11 +175,22 @@ def owt_tokens(args, enc, block_size):
     return np.asarray(ids, dtype=np.int64), args.owt_text, "text"
 
 
-def warn_if_not_finetuned_here(ckpt, path):
+def default_checkpoint():
+    """The newest finetuned model.pt under out/ (the design's `evaluate.py --task squad`)."""
+    path = newest_finetuned("out")
+    if path is None:
+        raise UserError("no --ckpt given and no finetuned model.pt under out/; make one with "
+                        "`python pipeline.py --preset smoke --data-root ../shared/data`, or pass --ckpt PATH")
+    print(f"using {path}, the newest finetuned model.pt under out/ (--ckpt to choose another)")
+    return path
+
+
+def warn_if_not_finetuned_here(ckpt, path, shots):
     version = ckpt.get("tasks_version")
-    if version is None:
-        print(f"warning: {path} was not finetuned on the tasks; scores will be near zero", file=sys.stderr)
-    elif version != tasks.TASKS_VERSION:
+    if version is None and shots is None:
+        print(f"warning: {path} was not finetuned on the tasks; scores will be near zero (to score a "
+              f"pretrained model, give --shots 0 for zero-shot or --shots K for few-shot)", file=sys.stderr)
+    elif version is not None and version != tasks.TASKS_VERSION:
         print(f"warning: {path} was finetuned with tasks version {version} but this code builds version "
               f"{tasks.TASKS_VERSION} prompts; scores may drop (re-finetune or check out the matching code)",
               file=sys.stderr)
@@ -209,8 +230,11 @@ def print_table(result):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help=f"{' | '.join(tasks.TASKS)} | owt | all")
-    p.add_argument("--ckpt", required=True, help="a training ckpt.pt or a finetuned model.pt")
-    p.add_argument("--split", default="validation")
+    p.add_argument("--ckpt", help="a training ckpt.pt or a finetuned model.pt (default: the newest "
+                                   "model.pt under out/)")
+    p.add_argument("--split", help="default: each task's own (CNN/DM test, SQuAD and SST-2 validation)")
+    p.add_argument("--shots", type=int, help="K training examples before each prompt (0: zero-shot); "
+                                             "default: the finetuning prompt alone")
     p.add_argument("--limit", type=int, help="first N examples (owt: N windows)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
@@ -229,6 +253,8 @@ def parse_args(argv=None):
     valid = (*tasks.TASKS, "owt", "all")
     if args.task not in valid:
         raise UserError(f"unknown task {args.task!r}; valid tasks: {', '.join(valid)}")
+    if args.shots is not None and args.shots < 0:
+        raise UserError(f"--shots must be 0 (zero-shot) or more, got {args.shots}")
     for name in ("limit", "batch_size", "num_beams", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -246,27 +272,29 @@ def main(argv=None):
     names = [args.task]
     if args.task == "all":
         names = list(tasks.TASKS) + (["owt"] if args.owt_bin or args.owt_text else [])
+    args.ckpt = args.ckpt or default_checkpoint()
     ckpt = load_checkpoint(args.ckpt)
     data = {}  # every task's rows before the model: a data problem fails fast
     for name in (n for n in names if n != "owt"):
         task = tasks.get_task(name)
-        if args.split not in task.splits:
-            raise UserError(f"{name} has no split {args.split!r}; choose one of {', '.join(task.splits)}")
-        if args.split in task.unlabelled_splits:
-            raise UserError(f"{name} split {args.split!r} is unlabelled and cannot be scored; "
+        split = args.split or task.eval_splits[0]
+        if split not in task.splits:
+            raise UserError(f"{name} has no split {split!r}; choose one of {', '.join(task.splits)}")
+        if split in task.unlabelled_splits:
+            raise UserError(f"{name} split {split!r} is unlabelled and cannot be scored; "
                             f"use {', '.join(task.eval_splits)}")
-        if args.split not in task.eval_splits:
-            print(f"warning: {name} split {args.split!r} is not an evaluation split "
+        if split not in task.eval_splits:
+            print(f"warning: {name} split {split!r} is not an evaluation split "
                   f"({', '.join(task.eval_splits)})", file=sys.stderr)
-        data[name] = task.load_rows(args.split, args.data_root, args.limit), task.source_name(args.split, args.data_root)
+        data[name] = split, task.load_rows(split, args.data_root, args.limit), task.source_name(split, args.data_root)
     rt = setup_runtime(args.device, args.dtype)
     model = model_from_checkpoint(ckpt, args.ckpt).to(rt.device).eval()
-    version = warn_if_not_finetuned_here(ckpt, args.ckpt)
+    version = warn_if_not_finetuned_here(ckpt, args.ckpt, args.shots)
     block_size = prompt_block_size(ckpt, model, args.ckpt)
     del ckpt
     enc = get_tokenizer()
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
-    settings = EvalSettings(split=args.split, batch_size=args.batch_size, num_beams=args.num_beams,
+    settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams, shots=args.shots,
                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                             constrained=args.constrained, max_new_tokens=args.max_new_tokens, data_root=args.data_root,
                             prompt_block_size=block_size)
@@ -279,9 +307,8 @@ def main(argv=None):
             result, predictions = evaluate_owt(model, tokens, args.limit, rt.autocast), None
             result["split"] = split
         else:
-            rows, source = data[name]
-            result, predictions = evaluate_task(model, enc, name, rows, settings, rt.autocast)
-            split = args.split
+            split, rows, source = data[name]
+            result, predictions = evaluate_task(model, enc, name, rows, replace(settings, split=split), rt.autocast)
         result.update(common, data_source=source)
         stem = os.path.join(out_dir, f"{name}_{split}")
         if predictions is not None:

@@ -95,10 +95,122 @@ def beam_search(model, prompt_ids, num_beams, max_new_tokens, length_penalty=1.0
         rows = [r for _, r, _ in live]
         beams = [beams[r] + [t] for _, r, t in live]
         scores = [s for s, _, _ in live]
-        cache.reorder(torch.tensor(rows, device=device))
+        cache.reorder(torch.tensor(rows, device=device), start=len(prompt))
         logits, _ = model(torch.tensor([[t] for _, _, t in live], device=device), cache=cache)
         logits = logits[:, -1]
     return max(finished, key=lambda h: h[0])[1] if finished else []
+
+
+def _ban_repeated_ngrams(logp, generated, n):
+    """_banned_ngram_tokens for every row at once: generated (rows, L) on the device."""
+    if n <= 0 or generated.size(1) < n:
+        return logp
+    windows = generated.unfold(1, n, 1)  # (rows, L - n + 1, n)
+    repeats = (windows[..., :-1] == generated[:, None, generated.size(1) - n + 1:]).all(-1)
+    # min with +inf leaves a token as it is: a token that also ends a window that does not
+    # repeat is still banned (a plain scatter would let either window win)
+    inf = torch.tensor(float("inf"), device=logp.device)
+    return logp.scatter_reduce_(1, windows[..., -1], torch.where(repeats, -inf, inf), reduce="amin")
+
+
+class _Finished:
+    """The best num_beams finished hypotheses of each prompt: normalized score (float64, as the
+    Python floats of beam_search), tokens and length; a score of -inf marks an empty slot."""
+
+    def __init__(self, n_prompts, num_beams, max_len, device):
+        self.score = torch.full((n_prompts, num_beams), -float("inf"), dtype=torch.float64, device=device)
+        self.tokens = torch.zeros(n_prompts, num_beams, max_len, dtype=torch.long, device=device)
+        self.length = torch.zeros(n_prompts, num_beams, dtype=torch.long, device=device)
+
+    def add(self, prompts, score, tokens, length):
+        """Candidates of the given prompts: score (n, c), -inf for none; tokens (n, c, max_len)."""
+        score = torch.cat((self.score[prompts], score), 1)
+        best = score.topk(self.score.size(1), dim=1).indices
+        self.score[prompts] = score.gather(1, best)
+        length = torch.cat((self.length[prompts], torch.full_like(best, length)), 1)
+        self.length[prompts] = length.gather(1, best)
+        tokens = torch.cat((self.tokens[prompts], tokens), 1)
+        self.tokens[prompts] = tokens.gather(1, best[..., None].expand(-1, -1, tokens.size(2)))
+
+    def best(self):
+        """Each prompt's best hypothesis as a list of ids ([] if it has none)."""
+        top = self.score.argmax(1)
+        rows = torch.arange(len(top), device=top.device)
+        found = (self.score[rows, top] > -float("inf")).tolist()
+        tokens, length = self.tokens[rows, top].tolist(), self.length[rows, top].tolist()
+        return [t[:n] if ok else [] for t, n, ok in zip(tokens, length, found)]
+
+
+def _next_beams(total, num_beams, stop):
+    """One step of beam_search's selection for every prompt at once. total (N, num_beams * V):
+    beam score + log p of each (beam, token). Returns the top candidates' (score, flat index),
+    which of them end a hypothesis (a stop token among the top num_beams), and the order that
+    puts the first num_beams live (non-stop) candidates in front, best first, with `keep` False
+    where a prompt has fewer."""
+    k = min(total.size(1), num_beams * (1 + len(stop)))  # enough to leave num_beams live ones
+    top, flat = total.topk(k, dim=1)
+    finite, is_stop = top > -float("inf"), torch.isin(flat % (total.size(1) // num_beams), stop)
+    live = finite & ~is_stop
+    live &= live.cumsum(1) <= num_beams
+    ends = (finite & is_stop)[:, :num_beams]
+    order = torch.sort((~live).to(torch.uint8), dim=1, stable=True).indices[:, :num_beams]
+    return top, flat, ends, order, live.gather(1, order)
+
+
+@torch.no_grad()
+def batched_beam_search(model, prompts, num_beams, max_new_tokens, length_penalty=1.0,
+                        no_repeat_ngram_size=0, stop_tokens=(EOT,)):
+    """beam_search of many prompts at once, with the same result for each. The prompts go
+    through the model once, left-padded; then each has num_beams rows (prompt-major) and every
+    step is one forward of all rows. Beams, finished hypotheses and n-gram blocking stay on the
+    device; a prompt whose search is over leaves the batch. Host syncs: which prompts are done,
+    and which cache rows move, once a step."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    device, nb = model.wte.weight.device, num_beams
+    idx, valid, positions = left_pad(prompts, device)
+    N, P = idx.shape
+    model.check_room(P, max_new_tokens)
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
+    cache = _new_cache(model, N, P + max_new_tokens)
+    logits, _ = model(idx, positions=positions, valid=valid, cache=cache)
+    cache.reorder(torch.arange(N, device=device).repeat_interleave(nb))
+    logits, last_pos = logits[:, -1].repeat_interleave(nb, 0), positions[:, -1:].repeat_interleave(nb, 0)
+    scores = torch.full((N, nb), -float("inf"), device=device)
+    scores[:, 0] = 0.0  # one live beam to start: the prompt itself
+    generated = torch.zeros(N * nb, max_new_tokens, dtype=torch.long, device=device)
+    finished, active = _Finished(N, nb, max_new_tokens, device), torch.arange(N, device=device)
+    beam = torch.arange(nb, device=device)
+    for step in range(max_new_tokens):
+        n, norm = len(active), (step + 1) ** length_penalty
+        logp = _ban_repeated_ngrams(token_logprobs(logits), generated[:, :step], no_repeat_ngram_size)
+        top, flat, ends, order, keep = _next_beams((scores.view(-1, 1) + logp).view(n, -1), nb, stop)
+        rows = torch.arange(n, device=device)[:, None] * nb + flat // logp.size(1)
+        finished.add(active, torch.where(ends, top[:, :nb].double() / norm, -float("inf")),
+                     generated[rows[:, :nb]], step)
+        scores = torch.where(keep, top.gather(1, order), -float("inf"))
+        rows, tokens = rows.gather(1, order).view(-1), (flat % logp.size(1)).gather(1, order).view(-1)
+        generated = generated[rows]
+        generated[:, step] = tokens
+        if step == max_new_tokens - 1:  # the live beams end here
+            live = torch.where(keep, scores.double() / norm, -float("inf"))
+            finished.add(active, live, generated.view(n, nb, -1), step + 1)
+            break
+        worst = finished.score[active, -1]  # num_beams finished and no live beam beats them
+        done = ~keep[:, 0] | ((worst > -float("inf")) & (worst >= scores[:, 0].double() / norm))
+        running = (~done).nonzero().squeeze(1)
+        if len(running) == 0:
+            break
+        if len(running) < n:
+            kept = (running[:, None] * nb + beam).view(-1)
+            active, scores, rows, tokens = active[running], scores[running], rows[kept], tokens[kept]
+            generated, last_pos = generated[kept], last_pos[kept]
+        cache.reorder(rows, start=P)  # a prompt's beams share its keys: only generated ones move
+        logits, _ = model(tokens.view(-1, 1), positions=last_pos + step + 1, cache=cache)
+        logits = logits[:, -1]
+    return finished.best()
 
 
 @torch.no_grad()
@@ -166,8 +278,7 @@ def label_logprobs(model, prompts, label_token_lists):
     for j, label in enumerate(labels):
         out[:, j] = first[:, label[0]]
         if len(label) > 1:
-            branch = copy.copy(cache)
-            branch.reorder(torch.arange(B, device=device))  # fresh tensors: the prompt cache stays intact
+            branch = copy.copy(cache)  # shares the prompt's keys and writes only after them
             feed = torch.tensor(label[:-1], device=device).expand(B, -1)
             pos = positions[:, -1:] + 1 + torch.arange(len(label) - 1, device=device)
             rest, _ = model(feed, positions=pos, cache=branch, all_logits=True)

@@ -89,9 +89,25 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def reorder(self, rows):
-        """Keep/duplicate batch rows (beam search)."""
-        self.k, self.v, self.valid = self.k[:, rows], self.v[:, rows], self.valid[rows]
+    def reorder(self, rows, start=0):
+        """Row i becomes row rows[i] (beam search keeps, drops and duplicates beams). Only the
+        positions [start, length) of the rows that change are copied: not the preallocated tail,
+        nor a prompt that the beams share (start = its length). A new number of rows gets new
+        tensors of the same max_len, filled from position 0."""
+        n = self.length
+        if len(rows) != self.k.size(1):
+            k, v, valid = self.k[:, rows, :, :n], self.v[:, rows, :, :n], self.valid[rows, :n]
+            self.k = self.k.new_zeros(self.k.size(0), len(rows), *self.k.shape[2:])
+            self.v = torch.zeros_like(self.k)
+            self.valid = self.valid.new_zeros(len(rows), self.valid.size(1))
+            self.k[:, :, :, :n], self.v[:, :, :, :n], self.valid[:, :n] = k, v, valid
+            return
+        # most beams continue their own row: those stay where they are (one host sync)
+        moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
+        src = rows[moved]
+        self.k[:, moved, :, start:n] = self.k[:, src, :, start:n]
+        self.v[:, moved, :, start:n] = self.v[:, src, :, start:n]
+        self.valid[moved, start:n] = self.valid[src, start:n]
 
 
 class CausalSelfAttention(nn.Module):

@@ -4,7 +4,9 @@
     python pipeline.py --preset cpu                                 # the CPU reference run
     python pipeline.py --preset gpu                                 # one GPU, a few hours
 
-Steps: prepare_owt -> pretrain -> prepare_finetune -> finetune -> evaluate -> report. Each is
+Steps: prepare_owt -> pretrain -> prepare_finetune -> finetune -> evaluate (the finetuned model)
+-> evaluate_pretrained_<K>shot (the pretrained model with --shots K, for each K of
+pretrained_shots: what pretraining alone gives) -> report. Each is
 the ordinary script with its ordinary config, printed before it runs, so any one can be rerun
 or replaced by hand. A step is skipped when its outputs exist and its command and inputs are
 unchanged since it last finished (a stamp in out/<run>/pipeline/); a step whose stamp is
@@ -42,6 +44,7 @@ class PipelineConfig:
     finetune_limit: int = 0  # rows per split for prepare_finetune (0: all)
     eval_limit: int = 0  # examples per task for evaluate (0: all)
     eval_args: str = ""
+    pretrained_shots: str = "0,3"  # also score the pretrained model with each --shots (comma-separated; "" none)
     nproc: int = 1  # >1 runs the training steps under torchrun
 
 
@@ -86,7 +89,17 @@ def build_steps(cfg, data_root):
     pre_cfg, ft_cfg = in_repo(cfg.pretrain_config), in_repo(cfg.finetune_config)
     task_meta = [os.path.join(ft_data, t, "meta.json") for t in tasks.TASKS]
     pre_ckpt, model_pt = f"{out}/pretrain/ckpt.pt", f"{out}/finetune/model.pt"
-    evals = [f"{out}/eval/{t}_validation_metrics.json" for t in tasks.TASKS]
+    metrics = [f"{t.name}_{t.eval_splits[0]}_metrics.json" for t in tasks.TASKS.values()]
+    evals = [f"{out}/eval/{m}" for m in metrics]
+    eval_cmd = [f"--limit={cfg.eval_limit}"] if cfg.eval_limit else []
+    eval_cmd += root + cfg.eval_args.split()
+    shots = [k.strip() for k in cfg.pretrained_shots.split(",") if k.strip()]
+    if not all(k.isdigit() for k in shots):
+        raise UserError(f"pretrained_shots={cfg.pretrained_shots!r}: give comma-separated counts like 0,3 (or '')")
+    pretrained = [Step(f"evaluate_pretrained_{k}shot", python_cmd("evaluate.py", cfg) + [
+                  "--task=all", f"--ckpt={pre_ckpt}", f"--shots={k}", f"--out={out}/eval_pretrained_{k}shot"]
+                  + eval_cmd, [pre_ckpt, in_repo("tasks.py"), in_repo("fewshot.py")],
+                  [f"{out}/eval_pretrained_{k}shot/{m}" for m in metrics]) for k in shots]
     return [
         Step("prepare_owt", python_cmd("prepare_owt.py", cfg) + ["--name", cfg.owt_name, "--decontaminate",
                                                                f"--val-fraction={cfg.owt_val_fraction}"]
@@ -105,11 +118,11 @@ def build_steps(cfg, data_root):
              + cfg.finetune_args.split(),
              [ft_cfg, pre_ckpt] + task_meta, [model_pt], resumable_dir=f"{out}/finetune"),
         Step("evaluate", python_cmd("evaluate.py", cfg) + ["--task=all", f"--ckpt={model_pt}",
-             f"--out={out}/eval", f"--owt-bin={owt}/val.bin"]
-             + ([f"--limit={cfg.eval_limit}"] if cfg.eval_limit else []) + root + cfg.eval_args.split(),
+             f"--out={out}/eval", f"--owt-bin={owt}/val.bin"] + eval_cmd,
              [model_pt, in_repo("tasks.py"), in_repo("metrics.py")], evals),
+        *pretrained,
         Step("report", python_cmd("report.py", cfg) + [out],
-             evals + [pre_ckpt, model_pt], [f"{out}/REPORT.md"]),
+             evals + [p for step in pretrained for p in step.outputs] + [pre_ckpt, model_pt], [f"{out}/REPORT.md"]),
     ]
 
 

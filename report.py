@@ -205,8 +205,33 @@ def fmt(v, digits=2):
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 
-def scores(evals):
-    out = ("## Evaluation\n\nValidation splits; trivial baselines are scored by the same code (metrics.py). "
+def read_evaluations(run):
+    """{folder: {task: metrics}} of every eval*/ folder in the run: eval/ holds the finetuned model's
+    scores, eval_pretrained_<K>shot/ the pretrained model's (pipeline.py)."""
+    out = {}
+    for folder in sorted(d for d in os.listdir(run) if d.startswith("eval") and os.path.isdir(os.path.join(run, d))):
+        files = sorted(f for f in os.listdir(os.path.join(run, folder)) if f.endswith("_metrics.json"))
+        found = {f.removesuffix("_metrics.json"): read_json(os.path.join(run, folder, f)) for f in files}
+        out[folder] = {m["task"] if m["task"] in tasks.TASKS else stem: m for stem, m in found.items()}
+    return out
+
+
+def system_name(m):
+    """A score row's name: which model, and how it was prompted (the metrics' shots record)."""
+    model = "pretrained model" if m.get("checkpoint_tasks_version") is None else "finetuned model"
+    shots = m.get("shots") or {}
+    if shots.get("requested") is None:
+        return f"**{model}**"
+    if shots["requested"] == 0:
+        return f"{model}, zero-shot ({shots['format']})"
+    return f"{model}, {shots['requested']}-shot ({shots['used_mean']:.1f} examples fit on average)"
+
+
+def scores(evaluations):
+    evals = evaluations.get("eval") or next(iter(evaluations.values()))
+    out = ("## Evaluation\n\nEach task names its split (by default CNN/DM test, SQuAD and SST-2 validation). "
+           "The pretrained model is scored zero- and few-shot beside the finetuned one: what pretraining alone "
+           "gives, and what finetuning adds. Trivial baselines are scored by the same code (metrics.py). "
            "Published anchors are from other models, data splits and sometimes test sets: context, not a "
            "like-for-like comparison. Our CNN/DM validation set is CNN-only (no Daily Mail), where Lead-3 "
            "scores lower than on the full CNN+DM test set. Papers' ROUGE-L (pyrouge) is summary-level, "
@@ -221,7 +246,8 @@ def scores(evals):
         out += (f"{m['count']:,} {m.get('split', 'validation')} examples from {m.get('data_source', '?')}; "
                 f"decoding: {dec.get('strategy', '?')}; checkpoint {m.get('checkpoint', {}).get('sha256', '?')} "
                 f"on {m.get('device', '?')}, {m.get('wall_time_s', 0):.0f} s.\n\n")
-        rows = [("**this model**", m["scores"])]
+        rows = [(system_name(e[task.name]) + ("" if e[task.name]["split"] == m["split"] else f" [{e[task.name]['split']}]"),
+                 e[task.name]["scores"]) for e in evaluations.values() if task.name in e]
         if m.get("baseline"):
             rows.append((f"baseline: {m['baseline']['name']}", m["baseline"]["scores"]))
         rows += list(task.anchors)
@@ -239,13 +265,14 @@ def clip(text, n=300):
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
-def samples(eval_dir, n):
+def samples(eval_dir, evals, n):
     out = "## Sample outputs\n\nThe first examples of each prediction file, unpicked.\n"
     if not os.path.isdir(eval_dir):
         return out + "\nNot run.\n"
     for task in tasks.TASKS:
-        path = os.path.join(eval_dir, f"{task}_validation_predictions.jsonl")
-        out += f"\n### {task}\n\n"
+        split = (evals.get(task) or {}).get("split")
+        path = os.path.join(eval_dir, f"{task}_{split}_predictions.jsonl")
+        out += f"\n### {task}" + (f" ({split})" if split else "") + "\n\n"
         if not os.path.isfile(path):
             out += "Not run.\n"
             continue
@@ -296,17 +323,14 @@ def main(argv=None):
     ft = summarize_checkpoint(os.path.join(run, "finetune", "model.pt"))
     runs = {"pretrain": (pre, *read_metrics(os.path.join(run, "pretrain", "metrics.jsonl"))),
             "finetune": (ft, *read_metrics(os.path.join(run, "finetune", "metrics.jsonl")))}
-    eval_dir = os.path.join(run, "eval")
-    names = sorted(os.listdir(eval_dir)) if os.path.isdir(eval_dir) else []
-    evals = {f.removesuffix("_metrics.json").removesuffix("_validation"): read_json(os.path.join(eval_dir, f))
-             for f in names if f.endswith("_metrics.json")}
+    evaluations = {k: v for k, v in read_evaluations(run).items() if v}
     timings = read_json(os.path.join(run, "pipeline", "timings.json"))
     parts = [f"# Report: {os.path.basename(os.path.abspath(run))}\n\nA GPT pretrained on web text, then finetuned "
              "on CNN/DailyMail summarization, SQuAD v1.1 question answering and SST-2 sentiment.\n",
              model_card(ft or pre), "## Training\n", training_record("Pretraining", *runs["pretrain"]),
              training_record("Finetuning", *runs["finetune"], finetune=True), curves(run, runs),
-             scores(evals) if evals else "## Evaluation\n\nNot run (no eval/ metrics).\n",
-             samples(eval_dir, args.samples),
+             scores(evaluations) if evaluations else "## Evaluation\n\nNot run (no eval/ metrics).\n",
+             samples(os.path.join(run, "eval"), evaluations.get("eval", {}), args.samples),
              commands(timings, {"pretrain": (pre or {}).get("config"), "finetune": (ft or {}).get("config")})]
     path = os.path.join(run, "REPORT.md")
     with atomic_path(path) as tmp, open(tmp, "w") as f:

@@ -73,6 +73,7 @@ class Task:
     extractive: bool = False         # answers are spans of the input (allows --constrained decoding)
     report_metrics: tuple = ()       # score columns in REPORT.md, in order
     anchors: tuple = ()              # (published system, {metric: value}) reference points
+    zero_shot_separator: Optional[str] = None  # zero-shot prompt: the bare input, then this (GPT-2's TL;DR)
 
     def inputs(self, row):
         """The example's input texts as used in the prompt (also what decontamination looks for)."""
@@ -105,6 +106,8 @@ class Task:
         """(head, input, question or None, separator) texts of the prompt."""
         texts = self.inputs(row)
         question = f"\n\n{self.question_label}: {texts[1]}" if self.question_label else None
+        if self.instruction is None:  # a bare format (zero_shot_separator): the text, then the separator
+            return "", texts[0], question, self.separator
         return f"{self.instruction}\n\n{self.input_label}:", " " + texts[0], question, self.separator
 
     def prompt_text(self, row):
@@ -286,7 +289,7 @@ register(Summarization(
     splits=("train", "validation", "test"), eval_splits=("test", "validation"),
     required_fields=("id", "article", "highlights"), max_target_tokens=128, max_new_tokens=128,
     instruction="Summarize the following news article.", input_label="Article", separator="\n\nSummary:",
-    anchors=(("Lead-3, full CNN+DM test (See et al. 2017, \"Get To The Point\")",
+    zero_shot_separator="\nTL;DR:", anchors=(("Lead-3, full CNN+DM test (See et al. 2017, \"Get To The Point\")",
               {"rouge1": 40.34, "rouge2": 17.70, "rougeLsum": 36.57}),
              ("GPT-2 1.5B zero-shot \"TL;DR:\", CNN+DM test (Radford et al. 2019, Table 4)",
               {"rouge1": 29.34, "rouge2": 8.27, "rougeLsum": 26.58}))))

@@ -1,4 +1,5 @@
-"""Benchmark generation: tokens/s with and without the KV cache, and a SQuAD evaluation's time.
+"""Benchmark generation (--parts): tokens/s with and without the KV cache (cache), per-prompt vs
+batched beam search (beam), and the wall time of a whole-split evaluation (eval).
 
 The model has the CPU preset's shape (n_layer 4, n_head 4, n_embd 256, block_size 512) with
 random weights (speed does not depend on them). Each prompt has --prompt-len tokens and is
@@ -6,12 +7,20 @@ continued by exactly --new-tokens greedy tokens (no stop token), so both paths d
 work; the cache path feeds one token per step, the other re-runs the whole sequence.
 Times are the median of --repeats runs; both paths must produce the same tokens.
 
-With --ckpt (a finetuned model.pt), it also times evaluate.evaluate_task on the SQuAD
-validation split: all of it, or the first --limit examples extrapolated to the whole split
-(reported as an estimate).
+Beam part: --num-beams beams (n-gram blocking 3, as the gpu preset evaluates) over prompts of
+--beam-prompt-len/2 to --beam-prompt-len tokens, --beam-new-tokens new tokens, one prompt at a
+time (generation.beam_search, the reference) and all of a batch at once
+(batched_beam_search), alternated, median of --repeats; examples/s and whether they agree.
+
+Eval part: evaluate.evaluate_task on each task's scored split, greedy and with --eval-beams
+beams (n-gram blocking 3), with --ckpt or else random weights in the CPU preset's shape (never
+an EOT, so every example generates the task's whole max_new_tokens: an upper bound). All of a
+split, or the first --limit examples extrapolated to the whole split (reported as an
+estimate); --per-prompt-too also times beam runs with the one-prompt-at-a-time search.
 
     python bench/bench_generate.py                      # one thread, as the numbers in the docs
-    python bench/bench_generate.py --ckpt out/finetune/model.pt --data-root ../shared/data --limit 200
+    python bench/bench_generate.py --parts beam --repeats 3
+    python bench/bench_generate.py --parts eval --data-root ../shared/data --limit 32 --per-prompt-too
 Writes out/bench/generate.json.
 """
 import argparse
@@ -19,12 +28,14 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
+from generation import batched_beam_search, beam_search  # noqa: E402
 import tasks  # noqa: E402
 from common import UserError, get_tokenizer, run_main, write_json  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -40,10 +51,19 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--ckpt", help="a finetuned checkpoint: also time SQuAD validation")
-    p.add_argument("--data-root", help="local task data for --ckpt (default: the hub)")
-    p.add_argument("--limit", type=int, help="time only the first N SQuAD examples and extrapolate")
-    p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size for --ckpt")
+    p.add_argument("--parts", nargs="+", default=["cache", "beam"], choices=["cache", "beam", "eval"])
+    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--beam-batch-sizes", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--beam-prompt-len", type=int, default=128)
+    p.add_argument("--beam-new-tokens", type=int, default=32)
+    p.add_argument("--ckpt", help="eval: a finetuned checkpoint (default: random weights, CPU preset shape)")
+    p.add_argument("--data-root", help="eval: local task data (default: the hub)")
+    p.add_argument("--tasks", nargs="+", default=["all"], help="eval: tasks to time")
+    p.add_argument("--eval-beams", type=int, nargs="+", default=[1, 4], help="eval: 1 is greedy")
+    p.add_argument("--limit", type=int, help="eval: time the first N examples of each split and extrapolate")
+    p.add_argument("--per-prompt-too", action="store_true",
+                   help="eval: also time beam runs with the per-prompt reference search, as evaluate.py did before")
+    p.add_argument("--batch-size", type=int, default=16, help="eval: evaluation batch size")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "bench", "generate.json"))
     return p.parse_args(argv)
 
@@ -59,11 +79,10 @@ def time_generate(model, prompts, new_tokens, use_cache, repeats):
 
 
 def bench_cache(args, device):
-    torch.manual_seed(0)
-    config = GPTConfig(block_size=512, n_layer=4, n_head=4, n_embd=256)
-    if args.prompt_len + args.new_tokens > config.block_size:
-        raise UserError(f"--prompt-len + --new-tokens must fit block_size {config.block_size}")
-    model = GPT(config).to(device).eval()
+    print(f"cache: {args.new_tokens} new tokens after {args.prompt_len}-token prompts")
+    model = cpu_model(device)
+    if args.prompt_len + args.new_tokens > model.config.block_size:
+        raise UserError(f"--prompt-len + --new-tokens must fit block_size {model.config.block_size}")
     rows = []
     for batch in args.batch_sizes:
         prompts = torch.randint(0, 50257, (batch, args.prompt_len)).tolist()
@@ -85,36 +104,94 @@ def bench_cache(args, device):
             "repeats": args.repeats, "runs": rows}
 
 
-def bench_squad(args, device):
+def cpu_model(device):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=512, n_layer=4, n_head=4, n_embd=256)).to(device).eval()
+
+
+def bench_beam(args, device):
+    """Per-prompt vs batched beam search on the same prompts, alternated so both see the same load."""
+    model, gen = cpu_model(device), torch.Generator().manual_seed(0)
+    search = dict(num_beams=args.num_beams, max_new_tokens=args.beam_new_tokens, no_repeat_ngram_size=3)
+    rows = []
+    for batch in args.beam_batch_sizes:
+        lengths = torch.randint(args.beam_prompt_len // 2, args.beam_prompt_len + 1, (batch,), generator=gen)
+        prompts = [torch.randint(0, 50257, (int(n),), generator=gen).tolist() for n in lengths]
+        times, outputs = {"per_prompt": [], "batched": []}, {}
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            outputs["per_prompt"] = [beam_search(model, p, **search) for p in prompts]
+            times["per_prompt"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            outputs["batched"] = batched_beam_search(model, prompts, **search)
+            times["batched"].append(time.perf_counter() - start)
+        row = {"batch": batch, **{f"{k}_s": round(statistics.median(v), 3) for k, v in times.items()}}
+        row.update({f"{k}_examples_per_s": round(batch / row[f"{k}_s"], 3) for k in times},
+                   speedup=round(row["per_prompt_s"] / row["batched_s"], 2),
+                   same_outputs=sum(a == b for a, b in zip(outputs["per_prompt"], outputs["batched"])))
+        print(f"beam {args.num_beams}, batch {batch:>3}: per prompt {row['per_prompt_examples_per_s']:>7.2f} ex/s   "
+              f"batched {row['batched_examples_per_s']:>7.2f} ex/s   speed-up {row['speedup']:.1f}x   "
+              f"same output for {row['same_outputs']}/{batch}", flush=True)
+        rows.append(row)
+    return {"num_beams": args.num_beams, "no_repeat_ngram_size": 3, "new_tokens": args.beam_new_tokens,
+            "prompt_len": [args.beam_prompt_len // 2, args.beam_prompt_len], "repeats": args.repeats, "runs": rows}
+
+
+def per_prompt_search(model, prompts, *args):
+    """The reference: beam_search one prompt at a time (the batched search's signature)."""
+    return [beam_search(model, p, *args) for p in prompts]
+
+
+def time_eval(model, enc, task, rows, settings, rt, search=None):
+    """evaluate_task's decoding seconds (the baseline's scoring not included), with `search` in
+    place of the batched beam search if given."""
+    with mock.patch.object(evaluate, "batched_beam_search", search or batched_beam_search):
+        return evaluate.evaluate_task(model, enc, task, rows, settings, rt.autocast)[0]["wall_time_s"]
+
+
+def bench_eval(args, device):
+    """Decoding time of each task's scored split, extrapolated from --limit examples."""
     rt = setup_runtime(args.device, num_threads=args.threads)
-    model, _ = load_model(args.ckpt, rt.device)
-    rows = tasks.get_task("squad").load_rows("validation", args.data_root)
-    total, timed = len(rows), rows[:args.limit] if args.limit else rows
-    settings = evaluate.EvalSettings(batch_size=args.batch_size, data_root=args.data_root)
-    start = time.perf_counter()
-    result, _ = evaluate.evaluate_task(model, get_tokenizer(), "squad", timed, settings, rt.autocast)
-    seconds = time.perf_counter() - start  # the baseline's scoring included, as a user waits for it
-    estimate = len(timed) < total
-    out = {"checkpoint": args.ckpt, "examples_timed": len(timed), "split_size": total,
-           "seconds_timed": round(seconds, 2), "full_split_seconds": round(seconds * total / len(timed), 1),
-           "full_split_is_estimate": estimate, "examples_per_s": result["examples_per_s"],
-           "generated_tokens_per_s": result["generated_tokens_per_s"], "f1": result["scores"]["f1"]}
-    label = f"ESTIMATE extrapolated from the first {len(timed)} examples" if estimate else "measured"
-    print(f"SQuAD validation ({total} examples): {out['full_split_seconds'] / 60:.1f} min ({label}); "
-          f"{out['examples_per_s']:.2f} ex/s, {out['generated_tokens_per_s']:.1f} generated tok/s, "
-          f"F1 {out['f1']:.2f}")
-    return out
+    model = load_model(args.ckpt, rt.device)[0] if args.ckpt else cpu_model(rt.device)
+    enc, runs = get_tokenizer(), []
+    for task in tasks.task_list(",".join(args.tasks)):
+        name, split = task.name, task.eval_splits[0]
+        rows = task.load_rows(split, args.data_root)
+        timed = rows[:args.limit] if args.limit else rows
+        for beams in (args.eval_beams if not task.label_words else [1]):  # labels are scored, not decoded
+            settings = evaluate.EvalSettings(split=split, batch_size=args.batch_size, data_root=args.data_root,
+                                             num_beams=beams, no_repeat_ngram_size=3 if beams > 1 else 0)
+            searches = {"batched": None} | ({"per_prompt": per_prompt_search} if args.per_prompt_too and beams > 1
+                                            else {})
+            for search, fn in searches.items():
+                timed_s = time_eval(model, enc, task, timed, settings, rt, fn)
+                seconds = timed_s * len(rows) / len(timed)
+                runs.append({"task": name, "split": split, "num_beams": beams, "search": search,
+                             "labels_scored": bool(task.label_words), "examples_timed": len(timed),
+                             "split_size": len(rows), "seconds_timed": timed_s, "full_split_seconds": round(seconds, 1),
+                             "full_split_is_estimate": len(timed) < len(rows)})
+                label = f"ESTIMATE from the first {len(timed)}" if len(timed) < len(rows) else "measured"
+                print(f"{name} {split} ({len(rows)} examples), {'greedy' if beams == 1 else f'beam {beams}'}"
+                      f"{'' if beams == 1 else f' ({search})'}: {seconds / 60:.1f} min ({label}); "
+                      f"{len(timed) / timed_s:.2f} ex/s", flush=True)
+    for beams in args.eval_beams:
+        total = sum(r["full_split_seconds"] for r in runs if (r["num_beams"] == beams or r["labels_scored"])
+                    and r["search"] == "batched")
+        print(f"all tasks, {'greedy' if beams == 1 else f'beam {beams}'}: {total / 60:.1f} min")
+    return {"checkpoint": args.ckpt or "random weights, CPU preset shape", "batch_size": args.batch_size,
+            "runs": runs}
 
 
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    print(f"generation benchmark: {args.new_tokens} new tokens after {args.prompt_len}-token prompts, "
-          f"median of {args.repeats}, {args.threads} thread(s), {device}")
-    report = {"threads": args.threads, "device": str(device), "generate": bench_cache(args, device)}
-    if args.ckpt:
-        report["squad_eval"] = bench_squad(args, device)
+    print(f"generation benchmark: {', '.join(args.parts)}; median of {args.repeats}, {args.threads} thread(s), "
+          f"{device}")
+    report = {"threads": args.threads, "device": str(device)}
+    parts = {"cache": bench_cache, "beam": bench_beam, "eval": bench_eval}
+    for part in args.parts:
+        report[part] = parts[part](args, device)
     write_json(args.out, report)
     print(f"wrote {args.out}")
 

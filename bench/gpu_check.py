@@ -8,7 +8,7 @@ torch.compile, flash SDPA) through the real training loop (trainer.train) on ran
   pretrain   tokens/s, MFU and peak memory over --steps steps
   finetune   the same with finetuning-shaped batches (config/finetune_gpu.py's batch; 12% of
              positions carry loss, as in the real mixture, so only they go through the output layer)
-  generate   batched greedy decoding (GPT.generate) and beam search (generation.beam_search), new
+  generate   batched greedy decoding (GPT.generate) and beam search (generation.batched_beam_search), new
              tokens/s after summarization-sized prompts
 and from those estimates each training and evaluation step's wall time for the gpu and full
 pipeline presets (full: 8 GPUs, assuming linear scaling). Prints a table; writes JSON.
@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 from common import run_main, write_json  # noqa: E402
 from config import FinetuneConfig, TrainConfig, parse_config  # noqa: E402
 from data import RandomTokens  # noqa: E402
-from generation import beam_search  # noqa: E402
+from generation import batched_beam_search  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import setup_runtime  # noqa: E402
 from trainer import train  # noqa: E402
@@ -83,7 +83,7 @@ def measure_training(cls, preset, args, overrides, loss_fraction=0.0):
 
 @torch.no_grad()
 def measure_generation(model, rt, tiny):
-    """New tokens/s: batched greedy (64 prompts) and beam search (4 beams, one prompt at a time)."""
+    """New tokens/s: batched greedy (64 prompts) and batched beam search (4 beams, 16 prompts)."""
     model.eval()
     prompt_len, new, batch = (64, 16, 4) if tiny else (700, 64, 64)
     g = torch.Generator().manual_seed(0)
@@ -95,11 +95,11 @@ def measure_generation(model, rt, tiny):
         tokens = sum(len(t) for t in model.generate(prompts, new, stop_tokens=()))
         out["greedy_tokens_per_s"] = tokens / (time.perf_counter() - start)
         out["greedy_batch"] = batch
-        start, tokens = time.perf_counter(), 0
-        for p in prompts[:4]:
-            tokens += len(beam_search(model, p, 4, new, no_repeat_ngram_size=3, stop_tokens=()))
-        out["beam4_seconds_per_example"] = (time.perf_counter() - start) / 4
-        out["beam4_tokens_per_s"] = tokens / (time.perf_counter() - start)
+        start = time.perf_counter()  # evaluate.py's way: a batch of prompts (its default batch size)
+        beams = batched_beam_search(model, prompts[:16], 4, new, no_repeat_ngram_size=3, stop_tokens=())
+        elapsed = time.perf_counter() - start
+        out["beam4_batch"], out["beam4_seconds_per_example"] = len(beams), elapsed / len(beams)
+        out["beam4_tokens_per_s"] = sum(len(b) for b in beams) / elapsed
     out["prompt_len"], out["new_tokens"] = prompt_len, new
     return out
 
@@ -139,7 +139,8 @@ def main(argv=None):
     for label, r in (("pretrain", pre), ("finetune", ft)):
         print(f"{label:10} {r['tokens_per_s']:12,.0f} {r['mfu'] * 100:6.1f}% {r['peak_mem_mib']:9,.0f} {r['wall_s']:7.0f}")
     print(f"generate   greedy {gen['greedy_tokens_per_s']:,.0f} new tok/s at batch {gen['greedy_batch']}; "
-          f"beam 4: {gen['beam4_tokens_per_s']:,.0f} new tok/s, {gen['beam4_seconds_per_example']:.2f} s/example")
+          f"beam 4 at batch {gen['beam4_batch']}: {gen['beam4_tokens_per_s']:,.0f} new tok/s, "
+          f"{gen['beam4_seconds_per_example']:.2f} s/example")
     print("\nestimated hours per pipeline step (from the rates above):")
     for preset, r in est.items():
         print(f"  {preset:5} ({r['gpus']} GPU): pretrain {r['pretrain_h']:.1f}, finetune {r['finetune_h']:.2f}, "

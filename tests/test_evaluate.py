@@ -108,10 +108,10 @@ def test_label_logprobs_match_a_full_forward_and_pick_the_argmax(shared_data):
     assert result["scores"]["accuracy"] == pytest.approx(100 * correct / 6)
 
 
-def run_eval(*args):
+def run_eval(*args, cwd=ROOT):
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
 def save_checkpoint(path, **extra):
@@ -134,18 +134,19 @@ def test_evaluate_end_to_end(tmp_path, shared_data):
                     "--out", tmp_path / "eval", "--owt-text", shared_data / "webtext" / "train-00000.jsonl.gz")
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr
-    for name in ("squad", "cnn_dailymail", "sst2"):
-        preds = [json.loads(line) for line in open(tmp_path / "eval" / f"{name}_validation_predictions.jsonl")]
+    for name, split in (("squad", "validation"), ("cnn_dailymail", "test"), ("sst2", "validation")):
+        preds = [json.loads(line) for line in open(tmp_path / "eval" / f"{name}_{split}_predictions.jsonl")]
         assert len(preds) == 3 and all({"id", "prediction", "references"} <= set(p) for p in preds)
         assert len({p["id"] for p in preds}) == 3
-        result = json.load(open(tmp_path / "eval" / f"{name}_validation_metrics.json"))
-        assert result["count"] == 3 and result["tasks_version"] == tasks.TASKS_VERSION
+        result = json.load(open(tmp_path / "eval" / f"{name}_{split}_metrics.json"))
+        assert result["count"] == 3 and result["tasks_version"] == tasks.TASKS_VERSION and result["split"] == split
+        assert result["shots"] == {"requested": None, "format": "finetuning prompt"}
         assert len(result["checkpoint"]["sha256"]) == 64 and result["decoding"]["strategy"]
         assert set(result["baseline"]["scores"]) == set(result["scores"])
         assert result["data_source"].startswith(str(shared_data))
     squad = json.load(open(tmp_path / "eval/squad_validation_metrics.json"))
     assert {"exact_match", "f1", "rougeL"} <= set(squad["scores"])
-    cnn = json.load(open(tmp_path / "eval/cnn_dailymail_validation_metrics.json"))
+    cnn = json.load(open(tmp_path / "eval/cnn_dailymail_test_metrics.json"))
     assert {"bleu", "bleu_signature", "rouge2", "rougeLsum"} <= set(cnn["scores"])
     assert cnn["baseline"]["name"] == "lead-3"
     assert "label_logprobs" in json.loads(open(tmp_path / "eval/sst2_validation_predictions.jsonl").readline())
@@ -175,3 +176,30 @@ def test_prompts_are_cut_at_the_block_size_of_the_finetuning_data(tmp_path, shar
     bad = save_checkpoint(tmp_path / "model.pt", tasks_version=tasks.TASKS_VERSION, data_block_size=1024)
     with pytest.raises(UserError, match="block size 1024, more than its context of 512: data and checkpoint disagree"):
         evaluate.main(["--task", "sst2", "--ckpt", str(bad), "--data-root", str(shared_data), "--limit", "1"])
+
+
+def test_pretrained_model_is_scored_few_shot_with_the_examples_used_recorded(tmp_path, shared_data):
+    plain = save_checkpoint(tmp_path / "ckpt.pt")  # block 512, no tasks_version: a pretrained model
+    proc = run_eval("--task", "all", "--ckpt", plain, "--shots", 2, "--data-root", shared_data, "--limit", 2,
+                    "--out", tmp_path / "eval")
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+    for name, split in (("squad", "validation"), ("cnn_dailymail", "test"), ("sst2", "validation")):
+        result = json.load(open(tmp_path / "eval" / f"{name}_{split}_metrics.json"))
+        preds = [json.loads(line) for line in open(tmp_path / "eval" / f"{name}_{split}_predictions.jsonl")]
+        used = [p["shots"] for p in preds]
+        assert result["shots"]["requested"] == 2 and result["shots"]["used_mean"] == sum(used) / 2
+        assert all(0 <= n <= 2 for n in used)
+    assert used == [2, 2]  # SST-2's sentences are short: both examples fit
+
+
+def test_without_ckpt_the_newest_finetuned_model_is_scored(tmp_path, shared_data):
+    line = error_line(run_eval("--task", "squad", cwd=tmp_path))
+    assert "no finetuned model.pt under out/" in line and "pipeline.py" in line
+    for run in ("new", "old"):  # written in this order, then "old" dated back
+        (tmp_path / "out" / run / "finetune").mkdir(parents=True)
+        save_checkpoint(tmp_path / "out" / run / "finetune" / "model.pt", tasks_version=tasks.TASKS_VERSION)
+    os.utime(tmp_path / "out/old/finetune/model.pt", (1, 1))
+    proc = run_eval("--task", "sst2", "--data-root", shared_data, "--limit", 2, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "using out/new/finetune/model.pt" in proc.stdout
+    assert (tmp_path / "out/new/finetune/eval/sst2_validation_metrics.json").is_file()

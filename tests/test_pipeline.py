@@ -11,7 +11,7 @@ import pytest
 
 from conftest import ROOT
 
-TASKS = ("squad", "cnn_dailymail", "sst2")
+TASKS = (("squad", "validation"), ("cnn_dailymail", "test"), ("sst2", "validation"))  # default splits
 
 
 def pipeline(cwd, shared_data, *extra, **kw):
@@ -30,17 +30,22 @@ def finished_run(tmp_path_factory, shared_data):
     result = pipeline(cwd, shared_data)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert ran_steps(result.stdout) == ["prepare_owt", "pretrain", "prepare_finetune", "finetune", "evaluate",
-                                        "report"]
+                                        "evaluate_pretrained_0shot", "evaluate_pretrained_3shot", "report"]
     return cwd
 
 
 def test_smoke_pipeline_produces_model_scores_and_report(finished_run):
     run = finished_run / "out" / "smoke"
     assert (run / "finetune" / "model.pt").is_file()
-    for task in TASKS:
-        metrics = json.loads((run / "eval" / f"{task}_validation_metrics.json").read_text())
-        assert metrics["count"] > 0 and metrics["scores"]
+    for task, split in TASKS:
+        metrics = json.loads((run / "eval" / f"{task}_{split}_metrics.json").read_text())
+        assert metrics["count"] > 0 and metrics["scores"] and metrics["split"] == split
+        for shots in (0, 3):  # the pretrained model too, zero- and few-shot
+            metrics = json.loads((run / f"eval_pretrained_{shots}shot" / f"{task}_{split}_metrics.json").read_text())
+            assert metrics["shots"]["requested"] == shots and metrics["checkpoint_tasks_version"] is None
     report = (run / "REPORT.md").read_text()
+    assert "| **finetuned model** |" in report and "| pretrained model, zero-shot" in report
+    assert "| pretrained model, 3-shot" in report
     images = [part.split(")")[0] for part in report.split("](")[1:] if part.split(")")[0].endswith(".png")]
     assert images and all((run / image).is_file() for image in images)
 
@@ -69,7 +74,7 @@ def test_killed_pipeline_resumes_pretraining_from_its_checkpoint(finished_run, s
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group
     proc.wait(timeout=120)
     assert not (finished_run / "out" / "killed" / "pipeline" / "pretrain.json").exists()
-    resumed = pipeline(finished_run, shared_data, *extra[:1], "--run=killed",
+    resumed = pipeline(finished_run, shared_data, *extra[:1], "--run=killed", "--pretrained_shots=",
                        "--pretrain_args=--max_iters=400 --eval_interval=5 --log_interval=1", "--finetune_args=--max_iters=2")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming from out/killed/pretrain/ckpt.pt at iteration" in resumed.stdout

@@ -2,6 +2,7 @@
 a partial run still gets a report; a wrong folder is a one-line error."""
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -45,9 +46,10 @@ def save_checkpoint(path, cfg, **extra):
     return model
 
 
-def eval_result(task, scores, base):
+def eval_result(task, scores, base, split="validation"):
     """A metrics JSON shaped exactly as evaluate.main writes it."""
-    return {"task": task, "split": "validation", "count": 2, "scores": scores, "baseline": base,
+    return {"task": task, "split": split, "count": 2, "scores": scores, "baseline": base,
+            "shots": {"requested": None, "format": "finetuning prompt"},
             "decoding": evaluate.decoding_settings(tasks.get_task(task), evaluate.EvalSettings()), "wall_time_s": 1.5,
             "examples_per_s": 1.3, "generated_tokens": None, "generated_tokens_per_s": None,
             "checkpoint": {"path": "/x/model.pt", "sha256": "0123456789abcdef"}, "tasks_version": 1,
@@ -77,7 +79,7 @@ def run(tmp_path):
     files = {
         "squad": (eval_result("squad", squad, {"name": "question-overlap sentence", "scores": squad_base}),
                   [{"id": "q1", "prediction": "Denver Broncos", "references": ["Denver Broncos"]}]),
-        "cnn_dailymail": (eval_result("cnn_dailymail", cnn, {"name": "lead-3", "scores": cnn}),
+        "cnn_dailymail": (eval_result("cnn_dailymail", cnn, {"name": "lead-3", "scores": cnn}, "test"),
                           [{"id": "c1", "prompt": "Article: " + "word " * 200, "prediction": "A man was hurt today.",
                             "references": [cnn_refs[0]]}]),
         "sst2": (eval_result("sst2", sst2, {"name": "majority class (positive, from train split)",
@@ -86,9 +88,14 @@ def run(tmp_path):
                    "label_logprobs": {"negative": -2.0, "positive": -0.5}}]),
     }
     for task, (result, preds) in files.items():
-        (run / "eval" / f"{task}_validation_metrics.json").write_text(json.dumps(result))
+        (run / "eval" / f"{task}_{result['split']}_metrics.json").write_text(json.dumps(result))
         lines = "".join(json.dumps(p) + "\n" for p in preds)
-        (run / "eval" / f"{task}_validation_predictions.jsonl").write_text(lines)
+        (run / "eval" / f"{task}_{result['split']}_predictions.jsonl").write_text(lines)
+    for shots, f1 in ((0, 12.5), (3, 25.0)):  # the pretrained model, zero- and few-shot, SQuAD only
+        pretrained = dict(files["squad"][0], checkpoint_tasks_version=None, scores=dict(squad, f1=f1),
+                          shots={"requested": shots, "format": "finetuning prompt", "used_mean": 2.25})
+        (run / f"eval_pretrained_{shots}shot").mkdir()
+        (run / f"eval_pretrained_{shots}shot" / "squad_validation_metrics.json").write_text(json.dumps(pretrained))
     owt = {"task": "owt", "split": "val", "count": 3, "baseline": None, "wall_time_s": 0.1, "tokens_per_s": 1920.0,
            "scores": {"loss": 3.25, "perplexity": 25.79, "windows": 3, "tokens": 192},
            "data_source": "data/owt/val.bin"}
@@ -112,7 +119,10 @@ def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
     assert "finetune.py --x=1" in text and "skipped" in text and "--preset smoke" in text
     assert "cnn_dailymail:2,squad:2,sst2:1" in text and "| squad | 3.0000 | 3.8000 |" not in text
     assert "| squad | 4.0000 | 3.8000 | 3.8000 |" in text  # per-task start, end and model.pt losses
-    assert "| system | exact_match | f1 |\n|---|---|---|\n| **this model** | 50.00 |" in text
+    assert "| system | exact_match | f1 |\n|---|---|---|\n| **finetuned model** | 50.00 |" in text
+    assert "| pretrained model, zero-shot (finetuning prompt) | 50.00 | 12.50 |" in text
+    assert "| pretrained model, 3-shot (2.2 examples fit on average) | 50.00 | 25.00 |" in text
+    assert "2 test examples" in text and "### cnn_dailymail (test)" in text  # the split is named
     assert "python finetune.py" in text and "--task_weights=cnn_dailymail:2,squad:2,sst2:1" in text
     assert "Article: word word" in text and "..." in text and "id `q1`" in text
     for name in ("pretrain_loss.png", "finetune_loss.png"):
@@ -122,9 +132,8 @@ def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
 
 def test_partial_run_without_evaluation_or_timings_still_gets_a_report(run):
     run = run.dir
-    for f in list((run / "eval").iterdir()):
-        f.unlink()
-    (run / "eval").rmdir()
+    for folder in run.glob("eval*"):
+        shutil.rmtree(folder)
     (run / "pipeline" / "timings.json").unlink()
     (run / "finetune" / "model.pt").unlink()
     report.main([str(run), "--samples", "1"])
