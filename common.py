@@ -1,11 +1,13 @@
 """Small helpers shared by every script: one-line user errors, atomic writes, the tokenizer."""
 import json
 import os
+import re
 import sys
 import tempfile
 from contextlib import contextmanager
 
 EOT = 50256  # GPT-2's <|endoftext|>
+TEMPORARY = re.compile(r".+\.(\d+)-[a-z0-9_]{8}\.tmp")  # atomic_path's: <name>.<pid>-<random>.tmp
 
 
 class UserError(Exception):
@@ -27,7 +29,9 @@ def atomic_path(path):
     so a killed run never leaves a file that looks complete."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    remove_stale_temporaries(path)
+    # the writer's pid is in the name, so that a later run can tell a killed writer's leftovers
+    fd, tmp = tempfile.mkstemp(prefix=f"{os.path.basename(path)}.{os.getpid()}-", suffix=".tmp", dir=directory)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -38,6 +42,30 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(path):
+    """Delete the temporaries in path's folder left by writers that were killed (their process is
+    gone), and any of path's own from before writers named their pid; a live writer's are kept."""
+    directory, base = os.path.split(os.path.abspath(path))
+    old_style = re.compile(re.escape(base) + r"\.[a-z0-9_]{8}\.tmp")
+    for name in os.listdir(directory):
+        ours = TEMPORARY.fullmatch(name)
+        if (ours and not pid_alive(int(ours.group(1)))) or old_style.fullmatch(name):
+            try:
+                os.remove(os.path.join(directory, name))
+            except FileNotFoundError:  # another rerun removed it first
+                pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_json(path, obj):
@@ -61,3 +89,24 @@ def get_tokenizer():
     except Exception as e:  # network errors come in many types
         raise UserError(f"cannot load the GPT-2 tokenizer ({type(e).__name__}); offline, set "
                         f"TIKTOKEN_CACHE_DIR to a folder with tiktoken's gpt2 files (e.g. ../shared/tiktoken)")
+
+
+# ---- process pools ------------------------------------------------------------------------------
+# A Pool replaces a worker whose initializer raises, forever. So initializers run guarded: the
+# error is kept, and the worker's first task raises it, which ends the whole command with it.
+
+_worker_error = None
+
+
+def guarded_init(init, *args):
+    global _worker_error
+    try:
+        init(*args)
+    except Exception as e:  # any failure: the parent re-raises it from the first task
+        _worker_error = e if isinstance(e, UserError) else UserError(f"a worker could not start ({type(e).__name__}: {e})")
+
+
+def check_worker():
+    """Call first in every pool task: raises the initializer's error, if it had one."""
+    if _worker_error is not None:
+        raise _worker_error

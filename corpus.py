@@ -11,6 +11,7 @@ from common import UserError
 
 HUB_DATASET = "Skylion007/openwebtext"
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
+LOCAL_FLAG_ENV = "LLM_LOCAL_DATA_FLAG"  # set by pipeline.py, whose flag for local data is --data-root
 
 
 def source_files(source):
@@ -86,7 +87,7 @@ def read_hub():
     """Open the hub stream now (so an offline machine fails before any work), read it lazily."""
     def hub_error(e):
         return UserError(f"cannot stream {HUB_DATASET} from the hub ({type(e).__name__}); "
-                         "check the network or pass --source with local files")
+                         f"check the network or pass {os.environ.get(LOCAL_FLAG_ENV, '--source')} with local files")
     try:
         from datasets import load_dataset
         stream = load_dataset(HUB_DATASET, split="train", streaming=True)  # fetches no documents yet
@@ -108,4 +109,5 @@ def documents(source):
         return read_hub()
     files = source_files(source)
     readers = {".txt": read_txt, ".parquet": read_parquet}
-    return (text for path in files for text in readers.get(os.path.splitext(path)[1], read_jsonl)(path))
+    texts = (text for path in files for text in readers.get(os.path.splitext(path)[1], read_jsonl)(path))
+    return (text for text in texts if text.strip())  # an empty document would be a lone EOT

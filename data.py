@@ -19,6 +19,9 @@ def open_tokens(path):
         raise UserError(f"{path} not found; run prepare_owt.py (or point data_dir at its output)")
     if os.path.getsize(path) < 4:
         raise UserError(f"{path} is empty; prepare more documents (or a larger --val-fraction for val.bin)")
+    if os.path.getsize(path) % 2:  # uint16 tokens: a file cut mid-token (a partial copy or download)
+        raise UserError(f"{path} has an odd number of bytes, so it is not whole uint16 tokens; "
+                        f"copy it again or rerun prepare_owt.py")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import tasks
 from common import UserError, run_main, write_json
+from corpus import LOCAL_FLAG_ENV
 from config import TrainConfig, parse_config
 
 
@@ -149,7 +150,8 @@ def run_step(step, stamp_dir, dry_run):
     if dry_run:
         return 0.0, False
     started = time.time()
-    result = subprocess.run(step.command)
+    # a step's hint about local data names the pipeline's flag, not the script's own
+    result = subprocess.run(step.command, env={**os.environ, LOCAL_FLAG_ENV: "--data-root"})
     if result.returncode != 0:
         raise UserError(f"step {step.name} failed (exit {result.returncode}); fix the cause above and rerun "
                         f"the pipeline: finished steps are skipped and training resumes")

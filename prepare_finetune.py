@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 import tasks
-from common import UserError, atomic_path, get_tokenizer, run_main, write_json
+from common import UserError, atomic_path, check_worker, get_tokenizer, guarded_init, run_main, write_json
 
 _ENC = None
 
@@ -42,6 +42,7 @@ def _init_worker():
 
 def _encode(job):
     """Worker: (task, row, block_size) -> (token bytes, prompt_len, input_cut, target_cut)."""
+    check_worker()
     task, row, block_size = job
     ex = task.encode_example(row, _ENC, block_size)
     tokens = np.array(ex["prompt"] + ex["target"], dtype=np.uint16)
@@ -131,7 +132,7 @@ def main(argv=None):
     get_tokenizer()  # fail fast, with its one-line message, before any work
     start = time.time()
     # spawn: a forked child of a threaded process can deadlock (see prepare_owt.chunk_mapper)
-    pool = mp.get_context("spawn").Pool(args.num_proc, initializer=_init_worker) if args.num_proc > 1 else None
+    pool = mp.get_context("spawn").Pool(args.num_proc, guarded_init, (_init_worker,)) if args.num_proc > 1 else None
     if pool is None:
         _init_worker()
     try:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import decontaminate
 from corpus import HUB_DATASET, documents
-from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
+from common import EOT, UserError, atomic_path, check_worker, get_tokenizer, guarded_init, run_main, write_json
 
 CHUNK_DOCS, CHUNK_BYTES = 64, 1 << 20  # one pool task: up to 64 documents or ~1 MB of text
 
@@ -93,6 +93,7 @@ def goes_to_val(raw):
 
 def tokenize_chunk(chunk):
     """For each document: (UTF-8 bytes, goes to val, uint16 tokens + EOT, or None if contaminated)."""
+    check_worker()
     out = []
     for text in chunk:
         raw = text.encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates: count, don't fail
@@ -113,7 +114,8 @@ def chunk_mapper(args, index):
         return
     # spawn, not fork: a forked child of a process that runs other threads (torch's, a data
     # loader's) can deadlock on a lock one of them held; the index is pickled to each worker
-    pool = mp.get_context("spawn").Pool(args.num_proc, init_worker, initargs)
+    get_tokenizer()  # fail fast, before the workers start; guarded_init catches what else goes wrong
+    pool = mp.get_context("spawn").Pool(args.num_proc, guarded_init, (init_worker,) + initargs)
     runs = []
 
     def ordered_map(fn, items):

@@ -24,7 +24,12 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.temperature < 0:
+        raise UserError(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    return args
 
 
 def main(argv=None):

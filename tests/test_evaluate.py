@@ -203,3 +203,10 @@ def test_without_ckpt_the_newest_finetuned_model_is_scored(tmp_path, shared_data
     assert proc.returncode == 0, proc.stderr
     assert "using out/new/finetune/model.pt" in proc.stdout
     assert (tmp_path / "out/new/finetune/eval/sst2_validation_metrics.json").is_file()
+
+
+def test_owt_bin_of_odd_length_is_a_one_line_error(tmp_path):
+    ckpt = save_checkpoint(tmp_path / "model.pt", tasks_version=tasks.TASKS_VERSION)
+    (tmp_path / "val.bin").write_bytes(b"\x01\x00" * 600 + b"\x01")  # cut mid-token
+    line = error_line(run_eval("--task", "owt", "--ckpt", ckpt, "--owt-bin", tmp_path / "val.bin"))
+    assert "val.bin has an odd number of bytes" in line

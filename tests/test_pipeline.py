@@ -59,26 +59,39 @@ def test_rerun_skips_finished_steps_and_a_deleted_output_reruns_only_its_depende
     assert ran_steps(partial.stdout) == ["evaluate", "report"]
 
 
-def test_killed_pipeline_resumes_pretraining_from_its_checkpoint(finished_run, shared_data):
-    """Reuses the prepared data; a longer pretraining is stopped mid-way and resumed."""
-    extra = ["--", "--run=killed", "--pretrain_args=--max_iters=400 --eval_interval=5 --log_interval=1"]
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "sigkill"])
+def test_killed_pipeline_resumes_pretraining_from_its_checkpoint(finished_run, shared_data, sig):
+    """Reuses the prepared data; a longer pretraining is stopped mid-way (Ctrl-C, or SIGKILL: no
+    handler runs, maybe mid-checkpoint-write) and resumed; no temporary file is left behind."""
+    run_name = f"killed_{sig.name}"
+    extra = ["--", f"--run={run_name}", "--pretrain_args=--max_iters=400 --eval_interval=5 --log_interval=1"]
     cmd = [sys.executable, str(ROOT / "pipeline.py"), "--preset", "smoke", "--data-root", str(shared_data), *extra]
     proc = subprocess.Popen(cmd, cwd=finished_run, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    ckpt = finished_run / "out" / "killed" / "pretrain" / "ckpt.pt"
+    run = finished_run / "out" / run_name
+    ckpt = run / "pretrain" / "ckpt.pt"
     deadline = time.time() + 300
     while not ckpt.exists() or ckpt.stat().st_size == 0:
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
         time.sleep(0.5)
     time.sleep(2)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole process group
+    os.killpg(proc.pid, sig)  # the whole process group, as Ctrl-C does
     proc.wait(timeout=120)
-    assert not (finished_run / "out" / "killed" / "pipeline" / "pretrain.json").exists()
-    resumed = pipeline(finished_run, shared_data, *extra[:1], "--run=killed", "--pretrained_shots=",
-                       "--pretrain_args=--max_iters=400 --eval_interval=5 --log_interval=1", "--finetune_args=--max_iters=2")
+    assert not (run / "pipeline" / "pretrain.json").exists()
+    resumed = pipeline(finished_run, shared_data, *extra, "--pretrained_shots=", "--finetune_args=--max_iters=2")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming from out/killed/pretrain/ckpt.pt at iteration" in resumed.stdout
+    assert f"resuming from out/{run_name}/pretrain/ckpt.pt at iteration" in resumed.stdout
     assert ran_steps(resumed.stdout)[0] == "pretrain"  # prepare_owt was already done
+    assert not list(finished_run.rglob("*.tmp"))
+
+
+def test_offline_without_data_root_names_the_pipelines_own_flag(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "--preset", "smoke"], cwd=tmp_path,
+                            env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    hub_error = [line for line in result.stderr.splitlines() if "from the hub" in line]
+    assert hub_error and "pass --data-root" in hub_error[0] and "--source" not in result.stderr
 
 
 def test_finetuning_data_takes_the_block_size_of_the_pretraining_config():

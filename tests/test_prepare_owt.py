@@ -165,6 +165,8 @@ BAD_INPUTS = {  # file name -> (bytes, expected message part)
     "notext.jsonl": (b'{"text": "fine"}\n\n{"body": "no text field"}\n', 'notext.jsonl line 3 has no "text"'),
     "latin1.jsonl.gz": (gzip.compress(b'{"text": "caf\xe9"}\n'), "latin1.jsonl.gz line 1 is not UTF-8"),
     "latin1.txt": (b"caf\xe9 au lait", "latin1.txt is not UTF-8"),
+    "empty.txt": (b"", "holds no documents"),  # not a train.bin of one EOT
+    "blank.txt": (b" \n\n", "holds no documents"),
 }
 
 

@@ -52,3 +52,12 @@ def test_bad_inputs_are_clear_errors(ckpt, tmp_path):
         sample.main(["--ckpt", str(ckpt), "--max-new-tokens", "64"])
     with pytest.raises(UserError, match="checkpoint .*nope.pt not found"):
         sample.main(["--ckpt", str(tmp_path / "nope.pt")])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--num-samples", "0", "--num-samples must be at least 1, got 0"),
+    ("--temperature", "-1", "--temperature must be 0 (greedy) or more, got -1.0"),
+])
+def test_out_of_range_settings_are_clear_errors(ckpt, flag, value, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        sample.main(["--ckpt", str(ckpt), flag, value])

@@ -82,6 +82,14 @@ def test_missing_data_is_a_one_line_error(tmp_path):
         f"error: {tmp_path}/none/train.bin not found; run prepare_owt.py (or point data_dir at its output)"]
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_file_of_odd_length_is_a_one_line_error(corpus, split):
+    with open(corpus / f"{split}.bin", "ab") as f:
+        f.write(b"\x00")  # a copy cut mid-token
+    with pytest.raises(UserError, match=f"{split}.bin has an odd number of bytes, so it is not whole uint16"):
+        train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/out"])
+
+
 def test_learning_rate_warms_up_then_decays_to_min():
     cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     lrs = [trainer.lr_at(i, cfg, 1.0) for i in range(120)]
