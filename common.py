@@ -6,6 +6,11 @@ import sys
 import tempfile
 from contextlib import contextmanager
 
+# Waiting OpenMP threads spin by default, taking cores from any other busy process: PASSIVE
+# was never slower and up to 4x faster (bench/bench_omp.py, README). OpenMP reads the variable
+# once, as torch loads it, so the scripts import this module before torch. A user's value wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 EOT = 50256  # GPT-2's <|endoftext|>
 TEMPORARY = re.compile(r".+\.(\d+)-[a-z0-9_]{8}\.tmp")  # atomic_path's: <name>.<pid>-<random>.tmp
 

@@ -82,6 +82,7 @@ class FinetuneMixture:
         if self.replay_len and batch_size * self.room - self.replay_len < max(map(np.min, self.lengths)):
             raise UserError(f"replay_fraction {replay_fraction} leaves no room for task examples; lower it")
         self.probs = self.calibrated_probs()
+        self.drawn = None  # a Counter: while set, batch() counts the examples it places, by task
 
     def layout(self, rng, probs):
         """Where each drawn example goes: [(row, start, task, index)]. Examples fill the rows in
@@ -134,6 +135,8 @@ class FinetuneMixture:
         for row, start, task, i in self.layout(rng, self.probs):
             ex, prompt_len = self.splits[task].example(i)
             tokens[row, start:start + len(ex)] = ex
+            if self.drawn is not None:
+                self.drawn[self.names[task]] += 1
             starts[row, start] = True
             targets.append((row, start + prompt_len, start + len(ex)))
         ends = np.flatnonzero(np.diff(replay.reshape(-1).astype(np.int8)) < 0) + 1  # padding after replay

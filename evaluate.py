@@ -32,13 +32,15 @@ from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional
 
+# common first: it sets OMP_WAIT_POLICY, which OpenMP reads once, as torch loads it
+from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import fewshot
 import tasks
-from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
 from generation import batched_beam_search, constrained_span_decode, decode_text, label_logprobs
 from checkpoint import load_checkpoint, model_from_checkpoint, newest_finetuned
 from corpus import documents

@@ -9,14 +9,17 @@ share of pretraining text, with the loss on target tokens only. Same loop as pre
 Writes out_dir/model.pt (the best model by mean per-task validation loss: the deliverable),
 out_dir/ckpt.pt (the last state, for --resume) and out_dir/metrics.jsonl.
 """
+import collections
 import json
 import os
 import sys
 
+# common first: it sets OMP_WAIT_POLICY, which OpenMP reads once, as torch loads it
+from common import UserError, run_main
+
 import torch
 
 import tasks
-from common import UserError, run_main
 from config import FinetuneConfig, parse_config
 from data import FinetuneMixture, TokenWindows, loss_mask
 from checkpoint import pretrained_model
@@ -76,6 +79,18 @@ def loss_token_fraction(source, n=8):
     return float(torch.cat([m.flatten() for m in masks]).float().mean())
 
 
+def realised_mix(source, min_examples=2000, max_batches=1000):
+    """The examples per task that the run's first batches really hold (drawn exactly as training
+    draws them), to set beside the weights, and the share of positions that replay text fills."""
+    source.drawn, batches = collections.Counter(), 0
+    while sum(source.drawn.values()) < min_examples and batches < max_batches:
+        source.batch(batches, 0)
+        batches += 1
+    drawn, source.drawn = source.drawn, None
+    return {"batches": batches, "examples": {n: drawn[n] for n in source.names},
+            "replay_positions": source.replay_len / (source.batch_size * source.room)}
+
+
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, sys.argv[1:] if argv is None else argv)
     names = [task.name for task in tasks.task_list(cfg.tasks)]
@@ -95,15 +110,17 @@ def main(argv=None):
     # validation loss per target token: comparable across objectives and with evaluate.py
     eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, cfg.batch_size, cfg.seed, split_id=1,
                                        average="token") for n, s in val_splits.items()}
-    loss_fraction = loss_token_fraction(train_source)
+    loss_fraction, mix = loss_token_fraction(train_source), realised_mix(train_source)
     if rt.master:
-        total = sum(weights.values())
+        total, drawn = sum(weights.values()), sum(mix["examples"].values())
         print("task mix: " + ", ".join(f"{n} {w / total:.1%}" for n, w in weights.items()) +
               f"; replay text {cfg.replay_fraction:.0%} of positions and of the loss; "
               f"{loss_fraction:.1%} of batch tokens carry loss")
+        print(f"realised in the first {mix['batches']} batches: " + ", ".join(
+            f"{n} {c / max(drawn, 1):.1%}" for n, c in mix["examples"].items()) + " of examples")
     # evaluate.py builds its prompts at the data's block size, byte for byte those of finetuning
     extra = {"tasks_version": tasks.TASKS_VERSION, "tasks": names, "init_from": cfg.init_from,
-             "data_block_size": data_block_size, "finetune_dir": cfg.finetune_dir}
+             "data_block_size": data_block_size, "finetune_dir": cfg.finetune_dir, "realised_mix": mix}
     train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=extra, best_name="model.pt",
           head_fraction=loss_fraction)
     if rt.ddp:

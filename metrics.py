@@ -11,6 +11,7 @@ import re
 import string
 from collections import Counter
 
+import numpy as np
 import sacrebleu
 from rouge_score import rouge_scorer
 
@@ -70,23 +71,31 @@ def squad_f1(prediction, gold_answers):
     return max(_f1_single(prediction, g) for g in _as_list(gold_answers))
 
 
-def squad_scores(predictions, references_list):
-    """predictions: list of strings; references_list: list of lists of gold answer strings."""
+def squad_example_scores(predictions, references_list):
+    """Per-example EM, F1 and ROUGE-1/2/L (0-1; ROUGE and F1 take the best gold answer)."""
     _check_lengths(predictions, references_list, "reference lists")
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    totals = Counter()
+    out = {key: [] for key in ("exact_match", "f1", "rouge1", "rouge2", "rougeL")}
     for pred, golds in zip(predictions, references_list):
         golds = _as_list(golds)
-        totals["exact_match"] += squad_exact_match(pred, golds)
-        totals["f1"] += squad_f1(pred, golds)
+        out["exact_match"].append(squad_exact_match(pred, golds))
+        out["f1"].append(squad_f1(pred, golds))
         per_gold = [scorer.score(g, pred) for g in golds]  # score(target, prediction)
         for key in ("rouge1", "rouge2", "rougeL"):
-            totals[key] += max(s[key].fmeasure for s in per_gold)
-    n = len(predictions)
-    keys = ("exact_match", "f1", "rouge1", "rouge2", "rougeL")
-    out = {key: 100.0 * totals[key] / n for key in keys}
-    out["count"] = n
+            out[key].append(max(s[key].fmeasure for s in per_gold))
     return out
+
+
+def squad_scores(predictions, references_list):
+    """predictions: list of strings; references_list: list of lists of gold answer strings."""
+    out = mean_scores(squad_example_scores(predictions, references_list))
+    out["count"] = len(predictions)
+    return out
+
+
+def mean_scores(per_example):
+    """Each per-example score list as its mean on a 0-100 scale."""
+    return {key: 100.0 * sum(values) / len(values) for key, values in per_example.items()}
 
 
 # ---------------------------------------------------------------- summarization
@@ -121,27 +130,48 @@ def split_sentences(text):
     return sentences
 
 
-def summarization_scores(predictions, references):
-    """ROUGE-1/2/L/Lsum (mean per-example F-measure x100) and corpus BLEU for summaries.
-    references must already have one sentence per line (CNN/DM highlights do); predictions are
-    split with split_sentences so that rougeLsum sees sentences on both sides."""
+def summarization_example_scores(predictions, references):
+    """Per-example ROUGE-1/2/L/Lsum F-measures (0-1). references must already have one sentence
+    per line (CNN/DM highlights do); predictions are split with split_sentences so that
+    rougeLsum sees sentences on both sides."""
     _check_lengths(predictions, references)
     keys = ("rouge1", "rouge2", "rougeL", "rougeLsum")
     scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
-    totals = Counter()
+    out = {key: [] for key in keys}
     for pred, ref in zip(predictions, references):
         # Newlines only matter to rougeLsum; the tokenizer treats them as spaces otherwise.
         scores = scorer.score(ref, "\n".join(split_sentences(pred)))
         for key in keys:
-            totals[key] += scores[key].fmeasure
-    n = len(predictions)
-    out = {key: 100.0 * totals[key] / n for key in keys}
+            out[key].append(scores[key].fmeasure)
+    return out
+
+
+def summarization_scores(predictions, references):
+    """ROUGE-1/2/L/Lsum (mean per-example F-measure x100) and corpus BLEU for summaries."""
+    out = mean_scores(summarization_example_scores(predictions, references))
     # sacrebleu's default 13a tokenizer turns the newlines inside highlights into spaces.
     bleu = sacrebleu.metrics.BLEU()
     out["bleu"] = bleu.corpus_score(list(predictions), [list(references)]).score
     out["bleu_signature"] = str(bleu.get_signature())
-    out["count"] = n
+    out["count"] = len(predictions)
     return out
+
+
+def bleu_statistics(predictions, references):
+    """Per-example BLEU sufficient statistics (rows: hypothesis length, reference length, 4
+    n-gram matches, 4 n-gram totals); corpus BLEU of any subset is bleu_from_statistics of the
+    sum of its rows, exactly as sacrebleu's corpus_score adds them up."""
+    bleu = sacrebleu.metrics.BLEU(effective_order=True)  # changes sentence scores only, not their statistics
+    rows = []
+    for pred, ref in zip(predictions, references):
+        s = bleu.sentence_score(pred, [ref])
+        rows.append([s.sys_len, s.ref_len, *s.counts, *s.totals])
+    return np.array(rows, dtype=np.int64)
+
+
+def bleu_from_statistics(total):
+    return sacrebleu.metrics.BLEU.compute_bleu(correct=list(total[2:6]), total=list(total[6:10]), sys_len=int(total[0]),
+                                               ref_len=int(total[1]), smooth_method="exp").score
 
 
 # ---------------------------------------------------------------- classification
@@ -151,6 +181,39 @@ def accuracy(predictions, labels):
     _check_lengths(predictions, labels, "labels")
     correct = sum(p == y for p, y in zip(predictions, labels))
     return {"accuracy": 100.0 * correct / len(labels), "count": len(labels)}
+
+
+# ---------------------------------------------------------------- uncertainty
+
+def bootstrap_interval(statistic, n, resamples=1000, level=0.95, seed=0):
+    """Percentile bootstrap: `statistic` of `resamples` index arrays drawn with replacement from
+    range(n); returns the (low, high) quantiles around `level`."""
+    rng = np.random.default_rng(seed)
+    values = [statistic(rng.integers(0, n, size=n)) for _ in range(resamples)]
+    tail = (1 - level) / 2
+    return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
+
+
+def confidence_intervals(kind, predictions, references_list, resamples=1000):
+    """95% bootstrap intervals (0-100 scale) of the scores of a task of this kind (extractive_qa,
+    summarization or classification), from its predictions: each per-example score resampled;
+    BLEU, a corpus score, recomputed on each resample."""
+    if kind == "extractive_qa":
+        per_example = squad_example_scores(predictions, references_list)
+    elif kind == "summarization":
+        refs = [r[0] for r in references_list]
+        per_example = summarization_example_scores(predictions, refs)
+    else:
+        per_example = {"accuracy": [float(p == r[0]) for p, r in zip(predictions, references_list)]}
+    n = len(predictions)
+    out = {}
+    for key, values in per_example.items():
+        values = 100.0 * np.asarray(values)
+        out[key] = bootstrap_interval(lambda idx: values[idx].mean(), n, resamples)
+    if kind == "summarization":
+        stats = bleu_statistics(predictions, refs)
+        out["bleu"] = bootstrap_interval(lambda idx: bleu_from_statistics(stats[idx].sum(0)), n, resamples)
+    return out
 
 
 # ---------------------------------------------------------------- baselines

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import tasks
 from common import UserError, run_main, write_json
 from corpus import LOCAL_FLAG_ENV
+from provenance import git_state
 from config import TrainConfig, parse_config
 
 
@@ -171,6 +172,7 @@ def main(argv=None):
                    help="local copies of the data sets in the hub's schemas (e.g. ../shared/data); default: the hub")
     p.add_argument("--dry-run", action="store_true", help="print the steps that would run")
     p.add_argument("overrides", nargs="*", help="--key=value overrides of the preset (after --)")
+    typed = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     preset = in_repo(os.path.join("config", f"pipeline_{args.preset}.py"))
     if not os.path.exists(preset):
@@ -179,14 +181,14 @@ def main(argv=None):
     if args.data_root and not os.path.isdir(args.data_root):
         raise UserError(f"--data-root {args.data_root} is not a folder")
     stamp_dir = os.path.join("out", cfg.run, "pipeline")
-    timings = {}
+    timings, started, code = {}, time.strftime("%Y-%m-%d %H:%M:%S %Z"), git_state()
     for step in build_steps(cfg, args.data_root):
         seconds, skipped = run_step(step, stamp_dir, args.dry_run)
         timings[step.name] = {"seconds": round(seconds, 1), "skipped": skipped, "command": step.command}
         if not args.dry_run:  # written as it goes: the report step reads it
             write_json(os.path.join(stamp_dir, "timings.json"),
-                       {"preset": args.preset, "config": dataclasses.asdict(cfg), "data_root": args.data_root,
-                        "steps": timings})
+                       {"preset": args.preset, "argv": typed, "started": started, "git": code,
+                        "config": dataclasses.asdict(cfg), "data_root": args.data_root, "steps": timings})
     if not args.dry_run:
         print("step times: " + ", ".join(f"{k} {v['seconds'] / 60:.1f} min" for k, v in timings.items()))
         print(f"done: out/{cfg.run}/finetune/model.pt, out/{cfg.run}/eval/, out/{cfg.run}/REPORT.md")

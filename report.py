@@ -21,6 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import tasks  # noqa: E402
 from common import UserError, atomic_path, run_main  # noqa: E402
+from datacard import data_section, markdown_table as table  # noqa: E402
+from metrics import confidence_intervals  # noqa: E402
+from provenance import provenance_line, relative, user_command  # noqa: E402
+
+FEW_EXAMPLES = 200  # below this, a score's interval is too wide to compare runs by
 
 def read_json(path):
     if not os.path.isfile(path):
@@ -53,7 +58,7 @@ def summarize_checkpoint(path):
     mc = ckpt["model_config"]
     shapes = {k: v.numel() for k, v in ckpt["model"].items()}
     info = {k: ckpt.get(k) for k in ("model_config", "config", "iter_num", "best_val_loss", "val_loss",
-                                     "val_losses", "tasks_version", "tasks")}
+                                     "val_losses", "tasks_version", "tasks", "realised_mix")}
     del ckpt
     if mc.get("tie_embeddings", True):
         shapes.pop("lm_head.weight", None)  # the same tensor as wte.weight
@@ -76,9 +81,11 @@ def machine():
 
 
 def wall_seconds(lines):
-    """Training time from the logs; a resumed run restarts its clock, so add up each segment."""
+    """Training time from the logs; a resumed run restarts its clock, so add up each segment.
+    Within one iteration the clock still runs: an eval line before its step's train line is not
+    a new segment."""
     total, last = 0.0, 0.0
-    for r in sorted(lines, key=lambda r: r["iter"]):
+    for r in sorted(lines, key=lambda r: (r["iter"], r["time"])):
         if r["time"] < last:
             total += last
         last = r["time"]
@@ -90,11 +97,6 @@ def human(n):
         if abs(n) >= size:
             return f"{n / size:.2f}{unit}"
     return f"{n:g}"
-
-
-def table(header, rows):
-    return ("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|\n"
-            + "".join("| " + " | ".join(str(c) for c in row) + " |\n" for row in rows))
 
 
 def tokens_per_step(cfg):
@@ -140,8 +142,7 @@ def training_record(name, ckpt, train, evals, finetune=False):
                                         "pretraining text; loss on targets only"))
     else:
         rows.append(("config", "unknown (no checkpoint)"))
-    rows += [("wall time", f"{wall_seconds(train + evals) / 60:.1f} min (from the metrics log)"),
-             ("hardware", f"{machine()} (report machine: the logs do not record it; config device="
+    rows += [("hardware", f"{machine()} (report machine: the logs do not record it; config device="
                           f"{cfg.get('device', '?')})")]
     if train:
         rows += [("median throughput", f"{statistics.median(r['tokens_per_s'] for r in train):,.0f} tokens/s, "
@@ -202,6 +203,9 @@ def curves(run, runs):
 
 
 def fmt(v, digits=2):
+    """A number with `digits` decimals; text (already formatted) as it is; "-" for nothing."""
+    if isinstance(v, str):
+        return v
     return f"{v:.{digits}f}" if isinstance(v, (int, float)) else "-"
 
 
@@ -227,7 +231,28 @@ def system_name(m):
     return f"{model}, {shots['requested']}-shot ({shots['used_mean']:.1f} examples fit on average)"
 
 
-def scores(evaluations):
+def read_predictions(path):
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def with_interval(value, interval):
+    return fmt(value) + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
+def intervals(task, m, eval_dir):
+    """95% bootstrap intervals of the task's scores from its predictions file (when it is whole)."""
+    preds = read_predictions(os.path.join(eval_dir, f"{task.name}_{m['split']}_predictions.jsonl"))
+    kind = next((k for k, cls in (("summarization", tasks.Summarization), ("extractive_qa", tasks.ExtractiveQA),
+                                  ("classification", tasks.Classification)) if isinstance(task, cls)), None)
+    if not preds or len(preds) != m["count"] or kind is None:
+        return {}
+    return confidence_intervals(kind, [p["prediction"] for p in preds], [p["references"] for p in preds])
+
+
+def scores(evaluations, run):
     evals = evaluations.get("eval") or next(iter(evaluations.values()))
     out = ("## Evaluation\n\nEach task names its split (by default CNN/DM test, SQuAD and SST-2 validation). "
            "The pretrained model is scored zero- and few-shot beside the finetuned one: what pretraining alone "
@@ -235,7 +260,8 @@ def scores(evaluations):
            "Published anchors are from other models, data splits and sometimes test sets: context, not a "
            "like-for-like comparison. Our CNN/DM validation set is CNN-only (no Daily Mail), where Lead-3 "
            "scores lower than on the full CNN+DM test set. Papers' ROUGE-L (pyrouge) is summary-level, "
-           "i.e. the rougeLsum column.\n")
+           "i.e. the rougeLsum column. In brackets: a 95% bootstrap confidence interval (1,000 resamples of "
+           "the examples; BLEU recomputed on each).\n")
     for task in tasks.TASKS.values():
         m, cols = evals.get(task.name), task.report_metrics
         out += f"\n### {task.name}\n\n"
@@ -243,11 +269,18 @@ def scores(evaluations):
             out += "Not run (no eval metrics file).\n"
             continue
         dec = m.get("decoding") or {}
-        out += (f"{m['count']:,} {m.get('split', 'validation')} examples from {m.get('data_source', '?')}; "
-                f"decoding: {dec.get('strategy', '?')}; checkpoint {m.get('checkpoint', {}).get('sha256', '?')} "
+        out += (f"{m['count']:,} {m.get('split', 'validation')} examples from {relative(m.get('data_source', '?'))}; "
+                f"decoding: {dec.get('strategy', '?')}; checkpoint sha256 `{m.get('checkpoint', {}).get('sha256', '?')}` "
                 f"on {m.get('device', '?')}, {m.get('wall_time_s', 0):.0f} s.\n\n")
-        rows = [(system_name(e[task.name]) + ("" if e[task.name]["split"] == m["split"] else f" [{e[task.name]['split']}]"),
-                 e[task.name]["scores"]) for e in evaluations.values() if task.name in e]
+        if m["count"] < FEW_EXAMPLES:
+            out += (f"**Warning: only {m['count']:,} examples (under {FEW_EXAMPLES}): the scores are rough; "
+                    f"evaluate more examples (a larger --limit, or none) before comparing runs.**\n\n")
+        rows = []
+        for folder, e in evaluations.items():
+            if task.name in e:
+                ci, r = intervals(task, e[task.name], os.path.join(run, folder)), e[task.name]
+                rows.append((system_name(r) + ("" if r["split"] == m["split"] else f" [{r['split']}]"),
+                             {c: with_interval(r["scores"].get(c), ci.get(c)) for c in cols}))
         if m.get("baseline"):
             rows.append((f"baseline: {m['baseline']['name']}", m["baseline"]["scores"]))
         rows += list(task.anchors)
@@ -286,12 +319,12 @@ def samples(eval_dir, evals, n):
 
 
 def commands(timings, configs):
-    out = "## Commands and configs\n\n"
+    out = "## Commands and configs\n\nAs typed from the folder the run was made in.\n\n"
     if timings:
-        out += f"`python pipeline.py --preset {timings.get('preset')}` ran these steps:\n\n"
+        out += f"`{shlex.join(user_command(['python', 'pipeline.py', *timings.get('argv', [])]))}` ran these steps:\n\n"
         for name, s in timings["steps"].items():
-            state = "skipped, up to date" if s.get("skipped") else f"{s['seconds'] / 60:.1f} min"
-            out += f"- **{name}** ({state}): `{shlex.join(s['command'])}`\n"
+            state = " (skipped, up to date)" if s.get("skipped") else ""
+            out += f"- **{name}**{state}: `{shlex.join(user_command(s['command']))}`\n"
     else:
         out += "Run by hand (no pipeline/timings.json); the configs below are those saved in the checkpoints.\n"
     for name, cfg in configs.items():
@@ -299,7 +332,7 @@ def commands(timings, configs):
             continue
         script = "train.py" if name == "pretrain" else "finetune.py"
         lines, line = [], f"python {script}"
-        for arg in (shlex.quote(f"--{k}={v}") for k, v in cfg.items()):
+        for arg in (shlex.quote(a) for a in user_command(["python"] + [f"--{k}={v}" for k, v in cfg.items()])[1:]):
             if len(line) + len(arg) > 96:
                 lines.append(line + " \\")
                 line = "   "
@@ -307,6 +340,29 @@ def commands(timings, configs):
         out += (f"\n{name} config (every field saved in its checkpoint, as an equivalent command line):\n\n"
                 "```bash\n" + "\n".join(lines + [line]) + "\n```\n")
     return out
+
+
+def step_times(timings, runs, evals):
+    """One wall-time figure per step. Training steps: the metrics log, adding up the segments of
+    a resumed run (the pipeline's clock sees only the last segment); other steps: the pipeline's."""
+    steps = dict.fromkeys(("prepare_owt", "pretrain", "prepare_finetune", "finetune", "evaluate", "report"))
+    pipeline = (timings or {}).get("steps") or {}
+    rows = []
+    for step in steps:
+        logged = runs.get(step)
+        if logged and (logged[1] or logged[2]):
+            rows.append((step, duration(wall_seconds(logged[1] + logged[2])), "training loop, metrics log"))
+        elif step in pipeline:
+            rows.append((step, duration(pipeline[step]["seconds"]), "pipeline" + (
+                " (by the run that made the outputs)" if pipeline[step].get("skipped") else "")))
+        elif step == "evaluate" and evals:
+            rows.append((step, duration(sum(m.get("wall_time_s", 0) for m in evals.values())),
+                         "the metrics files' wall_time_s"))
+    return "## Time per step\n\n" + (table(("step", "wall time", "measured by"), rows) if rows else "Not recorded.\n")
+
+
+def duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def main(argv=None):
@@ -325,13 +381,17 @@ def main(argv=None):
             "finetune": (ft, *read_metrics(os.path.join(run, "finetune", "metrics.jsonl")))}
     evaluations = {k: v for k, v in read_evaluations(run).items() if v}
     timings = read_json(os.path.join(run, "pipeline", "timings.json"))
+    configs = {"pretrain": (pre or {}).get("config"), "finetune": (ft or {}).get("config")}
     parts = [f"# Report: {os.path.basename(os.path.abspath(run))}\n\nA GPT pretrained on web text, then finetuned "
-             "on CNN/DailyMail summarization, SQuAD v1.1 question answering and SST-2 sentiment.\n",
-             model_card(ft or pre), "## Training\n", training_record("Pretraining", *runs["pretrain"]),
+             "on CNN/DailyMail summarization, SQuAD v1.1 question answering and SST-2 sentiment. "
+             + provenance_line(timings), model_card(ft or pre),
+             data_section(configs["pretrain"], configs["finetune"], (ft or {}).get("realised_mix")),
+             "## Training\n", training_record("Pretraining", *runs["pretrain"]),
              training_record("Finetuning", *runs["finetune"], finetune=True), curves(run, runs),
-             scores(evaluations) if evaluations else "## Evaluation\n\nNot run (no eval/ metrics).\n",
+             scores(evaluations, run) if evaluations else "## Evaluation\n\nNot run (no eval/ metrics).\n",
+             step_times(timings, runs, evaluations.get("eval", {})),
              samples(os.path.join(run, "eval"), evaluations.get("eval", {}), args.samples),
-             commands(timings, {"pretrain": (pre or {}).get("config"), "finetune": (ft or {}).get("config")})]
+             commands(timings, configs)]
     path = os.path.join(run, "REPORT.md")
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write("\n".join(parts))

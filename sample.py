@@ -5,9 +5,11 @@
 """
 import argparse
 
+# common first: it sets OMP_WAIT_POLICY, which OpenMP reads once, as torch loads it
+from common import EOT, UserError, get_tokenizer, run_main
+
 import torch
 
-from common import EOT, UserError, get_tokenizer, run_main
 from checkpoint import load_model
 
 

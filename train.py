@@ -9,10 +9,12 @@
 import os
 import sys
 
+# common first: it sets OMP_WAIT_POLICY, which OpenMP reads once, as torch loads it
+from common import run_main
+
 import torch
 
 from checkpoint import pretrained_model
-from common import run_main
 from config import TrainConfig, parse_config
 from data import TokenWindows
 from model import GPT, GPTConfig

@@ -48,6 +48,20 @@ def test_task_sampling_follows_the_weights():
     assert n > 5000 and np.all(np.abs(counts / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n))
 
 
+def test_realised_mix_counts_the_examples_the_batches_really_hold():
+    mix = FinetuneMixture({"a": FakeSplit(1), "b": FakeSplit(2)}, {"a": 1.0, "b": 3.0}, block_size=60, batch_size=4,
+                          seed=0)
+    realised = finetune.realised_mix(mix, min_examples=500)
+    counts = np.zeros(3)
+    for step in range(realised["batches"]):
+        x = mix.batch(step, 0)[0]
+        starts = torch.cat([torch.ones(4, 1, dtype=torch.bool), x[:, :-1] == EOT], 1) & (x < 3)
+        counts += np.bincount(x[starts].numpy(), minlength=3)
+    assert realised["examples"] == {"a": counts[1], "b": counts[2]} and counts.sum() >= 500
+    assert realised["replay_positions"] == 0
+    assert mix.drawn is None  # counting stops: training draws are not counted
+
+
 def test_loss_mask_covers_exactly_targets_and_their_eot():
     mix = FinetuneMixture({"a": FakeSplit(7)}, {"a": 1.0}, block_size=20, batch_size=2, seed=0)
     batch = mix.batch(0, 0)
@@ -153,6 +167,7 @@ def test_short_finetune_on_real_data_lowers_every_task_loss(workspace):
     model = torch.load(workspace / "run" / "model.pt", weights_only=False)
     assert model["tasks_version"] == 1 and model["val_losses"].keys() == {"cnn_dailymail", "squad", "sst2"}
     assert model["data_block_size"] == BLOCK  # evaluate.py builds its prompts at this size
+    assert model["realised_mix"]["examples"].keys() == {"cnn_dailymail", "squad", "sst2"}
 
 
 def test_stopped_finetune_resumes_exactly(workspace, monkeypatch):

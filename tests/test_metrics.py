@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
@@ -191,3 +192,37 @@ def test_guard_rails():
         metrics.squad_f1("a", [])
     with pytest.raises(ValueError):
         metrics.majority_label([])
+
+
+# ---------------------------------------------------------------- uncertainty
+
+PREDS = ["the cat sat on the mat today", "a dog barked loudly at night", "rain fell", "hello there my friend"]
+REFS = ["the cat sat on a mat", "the dog barked at night", "it rained all day", "hello friend"]
+
+
+def test_bleu_of_any_subset_from_summed_statistics_is_sacrebleus_corpus_bleu():
+    stats = metrics.bleu_statistics(PREDS, REFS)
+    for subset in ([0, 1, 2, 3], [0, 0, 3], [1, 2], [2, 2, 2, 1]):
+        expected = sacrebleu.metrics.BLEU().corpus_score([PREDS[i] for i in subset], [[REFS[i] for i in subset]])
+        assert metrics.bleu_from_statistics(stats[subset].sum(0)) == pytest.approx(expected.score)
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_examples():
+    rng = np.random.default_rng(1)
+    small, large = rng.random(20), rng.random(2000)
+    lo, hi = metrics.bootstrap_interval(lambda idx: small[idx].mean(), len(small))
+    assert lo < small.mean() < hi
+    lo2, hi2 = metrics.bootstrap_interval(lambda idx: large[idx].mean(), len(large))
+    assert hi2 - lo2 < (hi - lo) / 5  # ~ 1/sqrt(n): 10x the width for 100x fewer examples
+    assert metrics.bootstrap_interval(lambda idx: np.ones(5)[idx].mean(), 5) == (1.0, 1.0)
+
+
+def test_confidence_intervals_cover_each_reported_score():
+    cis = metrics.confidence_intervals("summarization", PREDS, [[r] for r in REFS], resamples=200)
+    scores = metrics.summarization_scores(PREDS, REFS)
+    assert set(cis) == {"rouge1", "rouge2", "rougeL", "rougeLsum", "bleu"}
+    assert all(cis[k][0] <= scores[k] <= cis[k][1] for k in cis)
+    squad = metrics.confidence_intervals("extractive_qa", ["Denver Broncos", "x"], [["Denver Broncos"], ["y"]], resamples=200)
+    assert squad["exact_match"][0] == 0.0 and squad["exact_match"][1] == 100.0
+    sst2 = metrics.confidence_intervals("classification", ["positive"] * 4, [["positive"]] * 4)
+    assert sst2 == {"accuracy": (100.0, 100.0)}

@@ -20,6 +20,7 @@ from conftest import ROOT
 from model import GPT, GPTConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SHA256 = "0123456789abcdef" * 4
 ARCH = dict(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32, pos_emb="rope", norm="rmsnorm",
             mlp="swiglu", tie_embeddings=True)
 
@@ -52,8 +53,21 @@ def eval_result(task, scores, base, split="validation"):
             "shots": {"requested": None, "format": "finetuning prompt"},
             "decoding": evaluate.decoding_settings(tasks.get_task(task), evaluate.EvalSettings()), "wall_time_s": 1.5,
             "examples_per_s": 1.3, "generated_tokens": None, "generated_tokens_per_s": None,
-            "checkpoint": {"path": "/x/model.pt", "sha256": "0123456789abcdef"}, "tasks_version": 1,
+            "checkpoint": {"path": "/x/model.pt", "sha256": SHA256}, "tasks_version": 1,
             "checkpoint_tasks_version": 1, "device": "cpu", "dtype": "float32", "data_source": f"../shared/{task}"}
+
+
+def write_data_meta(data):
+    """meta.json files as prepare_owt.py and prepare_finetune.py write them."""
+    (data / "owt").mkdir(parents=True)
+    (data / "owt" / "meta.json").write_text(json.dumps({
+        "source": "../shared/data/webtext", "source_bytes": 2_500_000, "stopped_by": "max_tokens",
+        "splits": {"train": {"tokens": 123_456, "documents": 789}, "val": {"tokens": 2_345, "documents": 6}},
+        "decontamination": {"enabled": True, "n": 13, "eval_ngrams": 7_000_899, "documents_dropped": 17}}))
+    for i, task in enumerate(("cnn_dailymail", "squad", "sst2")):
+        (data / "ft" / task).mkdir(parents=True)
+        split = {"examples": 1000 + i, "tokens": 50_000 + i, "inputs_cut": 3, "targets_cut": 0}
+        (data / "ft" / task / "meta.json").write_text(json.dumps({"splits": {"train": split, "validation": split}}))
 
 
 @pytest.fixture()
@@ -61,14 +75,17 @@ def run(tmp_path):
     run = tmp_path / "out" / "fake"
     for sub in ("pretrain", "finetune", "eval", "pipeline"):
         (run / sub).mkdir(parents=True)
-    pre_cfg = TrainConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=4, max_iters=40)
+    write_data_meta(tmp_path / "data")
+    pre_cfg = TrainConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=4, max_iters=40,
+                          data_dir=str(tmp_path / "data" / "owt"))
     model = save_checkpoint(run / "pretrain" / "ckpt.pt", pre_cfg, iter_num=40, best_val_loss=2.6)
     write_metrics(run / "pretrain" / "metrics.jsonl", range(0, 41))
     tasks = ["cnn_dailymail", "squad", "sst2"]
     ft_cfg = FinetuneConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=2, max_iters=20,
-                            task_weights="cnn_dailymail:2,squad:2,sst2:1")
+                            task_weights="cnn_dailymail:2,squad:2,sst2:1", finetune_dir=str(tmp_path / "data" / "ft"))
+    mix = {"batches": 40, "rows": 80, "replay_rows": 8, "examples": {"cnn_dailymail": 60, "squad": 90, "sst2": 150}}
     save_checkpoint(run / "finetune" / "model.pt", ft_cfg, iter_num=20, tasks_version=1, tasks=tasks,
-                    val_loss=2.8, val_losses={"cnn_dailymail": 2.8, "squad": 3.8, "sst2": 4.8})
+                    val_loss=2.8, val_losses={"cnn_dailymail": 2.8, "squad": 3.8, "sst2": 4.8}, realised_mix=mix)
     write_metrics(run / "finetune" / "metrics.jsonl", range(0, 21), tasks)
 
     squad = metrics.squad_scores(["Denver Broncos", "in 1990"], [["Denver Broncos"], ["1989", "in 1989"]])
@@ -78,7 +95,8 @@ def run(tmp_path):
     sst2 = metrics.accuracy(["positive", "positive"], ["positive", "negative"])
     files = {
         "squad": (eval_result("squad", squad, {"name": "question-overlap sentence", "scores": squad_base}),
-                  [{"id": "q1", "prediction": "Denver Broncos", "references": ["Denver Broncos"]}]),
+                  [{"id": "q1", "prediction": "Denver Broncos", "references": ["Denver Broncos"]},
+                   {"id": "q2", "prediction": "in 1990", "references": ["1989", "in 1989"]}]),
         "cnn_dailymail": (eval_result("cnn_dailymail", cnn, {"name": "lead-3", "scores": cnn}, "test"),
                           [{"id": "c1", "prompt": "Article: " + "word " * 200, "prediction": "A man was hurt today.",
                             "references": [cnn_refs[0]]}]),
@@ -103,7 +121,8 @@ def run(tmp_path):
     names = ["prepare_owt", "pretrain", "prepare_finetune", "finetune", "evaluate"]
     steps = {name: {"seconds": 61.0 * (i + 1), "skipped": i == 0, "command": [sys.executable, f"{name}.py", "--x=1"]}
              for i, name in enumerate(names)}
-    timings = {"preset": "smoke", "config": {}, "data_root": None, "steps": steps}
+    timings = {"preset": "smoke", "argv": ["--preset", "smoke", "--data-root", str(tmp_path / "shared")],
+               "config": {}, "data_root": None, "steps": steps}
     (run / "pipeline" / "timings.json").write_text(json.dumps(timings))
     return SimpleNamespace(dir=run, squad_f1=squad["f1"], params=sum(p.numel() for p in model.parameters()))
 
@@ -119,7 +138,7 @@ def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
     assert "finetune.py --x=1" in text and "skipped" in text and "--preset smoke" in text
     assert "cnn_dailymail:2,squad:2,sst2:1" in text and "| squad | 3.0000 | 3.8000 |" not in text
     assert "| squad | 4.0000 | 3.8000 | 3.8000 |" in text  # per-task start, end and model.pt losses
-    assert "| system | exact_match | f1 |\n|---|---|---|\n| **finetuned model** | 50.00 |" in text
+    assert "| system | exact_match | f1 |\n|---|---|---|\n| **finetuned model** | 50.00 [0.00, 100.00] |" in text
     assert "| pretrained model, zero-shot (finetuning prompt) | 50.00 | 12.50 |" in text
     assert "| pretrained model, 3-shot (2.2 examples fit on average) | 50.00 | 25.00 |" in text
     assert "2 test examples" in text and "### cnn_dailymail (test)" in text  # the split is named
@@ -128,6 +147,42 @@ def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
     for name in ("pretrain_loss.png", "finetune_loss.png"):
         assert (run.dir / name).read_bytes()[:8] == PNG_MAGIC
         assert f"]({name})" in text
+
+
+def test_report_has_a_data_section_with_the_realised_mix(run):
+    report.main([str(run.dir)])
+    text = (run.dir / "REPORT.md").read_text()
+    data = text.split("## Data")[1].split("## Training")[0]
+    assert "| train | 123,456 | 789 |" in data and "| val | 2,345 | 6 |" in data
+    assert "17 documents dropped" in data and "../shared/data/webtext" in data
+    assert "| squad | validation | 1,001 | 50,001 | 3 | 0 |" in data
+    assert "first 40 training batches" in data and "8 of 80 rows" in data
+    assert "| sst2 | 150 | 50.0% |" in data  # 150 of the 300 examples drawn
+
+
+def test_scores_carry_intervals_and_a_warning_under_200_examples(run):
+    report.main([str(run.dir)])
+    text = (run.dir / "REPORT.md").read_text()
+    assert text.count("Warning: only 2 examples (under 200)") == 3
+    assert f"checkpoint sha256 `{SHA256}`" in text  # the full hash
+    # squad has both predictions: intervals; the others' files hold fewer lines than the count
+    squad, cnn = text.split("### squad")[1], text.split("### cnn_dailymail")[1].split("### sst2")[0]
+    assert "[0.00, 100.00]" in squad and "[" not in cnn.split("| **this model** |")[1].split("\n")[0]
+
+
+def test_provenance_commands_as_typed_and_one_time_per_step(run, monkeypatch):
+    monkeypatch.chdir(run.dir.parent.parent)  # the folder the run was made in
+    report.main([str(run.dir)])
+    text = (run.dir / "REPORT.md").read_text()
+    header = text.split("## Model")[0]
+    assert "Written 20" in header and ("commit `" in header or "not a git checkout" in header)
+    assert "`python pipeline.py --preset smoke --data-root shared` ran these steps" in text
+    assert sys.executable not in text  # `python`, not this machine's interpreter path
+    times = text.split("## Time per step")[1].split("##")[0]
+    assert [line.split(" | ")[0] for line in times.splitlines() if line.startswith("| ") and "---" not in line][1:] == [
+        "| prepare_owt", "| pretrain", "| prepare_finetune", "| finetune", "| evaluate"]
+    assert "| pretrain | 42 s | training loop, metrics log |" in times  # the log's 41.5 s, not the pipeline's 122 s
+    assert "min)" not in text.split("## Commands")[1]  # the commands carry no second time figure
 
 
 def test_partial_run_without_evaluation_or_timings_still_gets_a_report(run):
