@@ -63,9 +63,10 @@ def realised_mix(mix):
             + markdown_table(("task", "examples", "share"), rows))
 
 
-def data_section(pre_cfg, ft_cfg, mix):
+def data_section(pre_cfg, finetuned):
+    """finetuned: the summary of the finetuned checkpoint (its config, task names, realised mix)."""
     out = "## Data\n\n" + corpus((pre_cfg or {}).get("data_dir"))
-    if ft_cfg:
-        out += finetune_sets(ft_cfg["finetune_dir"], [t.strip() for t in ft_cfg["tasks"].split(",") if t.strip()])
-        out += realised_mix(mix)
+    if finetuned and finetuned.get("config"):
+        out += finetune_sets(finetuned["config"]["finetune_dir"], finetuned.get("tasks") or [])
+        out += realised_mix(finetuned.get("realised_mix"))
     return out

@@ -6,8 +6,10 @@ tokenizer), for transformers, lm-evaluation-harness, vLLM or the hub.
 """
 import argparse
 
-from checkpoint import load_model
+# common first: it sets OMP_WAIT_POLICY, which OpenMP reads once, as torch loads it
 from common import run_main
+
+from checkpoint import load_model
 from hf import export
 
 

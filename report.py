@@ -385,7 +385,7 @@ def main(argv=None):
     parts = [f"# Report: {os.path.basename(os.path.abspath(run))}\n\nA GPT pretrained on web text, then finetuned "
              "on CNN/DailyMail summarization, SQuAD v1.1 question answering and SST-2 sentiment. "
              + provenance_line(timings), model_card(ft or pre),
-             data_section(configs["pretrain"], configs["finetune"], (ft or {}).get("realised_mix")),
+             data_section(configs["pretrain"], ft),
              "## Training\n", training_record("Pretraining", *runs["pretrain"]),
              training_record("Finetuning", *runs["finetune"], finetune=True), curves(run, runs),
              scores(evaluations, run) if evaluations else "## Evaluation\n\nNot run (no eval/ metrics).\n",

@@ -20,7 +20,7 @@ def openmp_settings(module, **env):
             if k.strip() in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
 
 
-@pytest.mark.parametrize("script", ["train", "finetune", "evaluate", "sample"])
+@pytest.mark.parametrize("script", ["train", "finetune", "evaluate", "sample", "export_hf"])
 def test_scripts_start_openmp_passive(script):
     # unset, OpenMP still reports PASSIVE but spins 300,000 times first; PASSIVE spins 0 times
     assert openmp_settings(script) == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}

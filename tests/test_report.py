@@ -83,7 +83,7 @@ def run(tmp_path):
     tasks = ["cnn_dailymail", "squad", "sst2"]
     ft_cfg = FinetuneConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=2, max_iters=20,
                             task_weights="cnn_dailymail:2,squad:2,sst2:1", finetune_dir=str(tmp_path / "data" / "ft"))
-    mix = {"batches": 40, "rows": 80, "replay_rows": 8, "examples": {"cnn_dailymail": 60, "squad": 90, "sst2": 150}}
+    mix = {"batches": 40, "replay_positions": 0.1, "examples": {"cnn_dailymail": 60, "squad": 90, "sst2": 150}}
     save_checkpoint(run / "finetune" / "model.pt", ft_cfg, iter_num=20, tasks_version=1, tasks=tasks,
                     val_loss=2.8, val_losses={"cnn_dailymail": 2.8, "squad": 3.8, "sst2": 4.8}, realised_mix=mix)
     write_metrics(run / "finetune" / "metrics.jsonl", range(0, 21), tasks)
@@ -156,7 +156,7 @@ def test_report_has_a_data_section_with_the_realised_mix(run):
     assert "| train | 123,456 | 789 |" in data and "| val | 2,345 | 6 |" in data
     assert "17 documents dropped" in data and "../shared/data/webtext" in data
     assert "| squad | validation | 1,001 | 50,001 | 3 | 0 |" in data
-    assert "first 40 training batches" in data and "8 of 80 rows" in data
+    assert "first 40 training batches" in data and "fills 10.0% of the positions" in data
     assert "| sst2 | 150 | 50.0% |" in data  # 150 of the 300 examples drawn
 
 
