@@ -8,6 +8,7 @@ anything missing is reported as "not run". Sections: model card, training record
 scores beside trivial baselines and published anchors, sample outputs, commands and configs.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -231,20 +232,15 @@ def system_name(m):
     return f"{model}, {shots['requested']}-shot ({shots['used_mean']:.1f} examples fit on average)"
 
 
-def read_predictions(path):
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def with_interval(value, interval):
     return fmt(value) + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
 
 
 def intervals(task, m, eval_dir):
     """95% bootstrap intervals of the task's scores from its predictions file (when it is whole)."""
-    preds = read_predictions(os.path.join(eval_dir, f"{task.name}_{m['split']}_predictions.jsonl"))
+    path = os.path.join(eval_dir, f"{task.name}_{m['split']}_predictions.jsonl")
+    with open(path) if os.path.isfile(path) else contextlib.nullcontext([]) as f:
+        preds = [json.loads(line) for line in f if line.strip()]
     kind = next((k for k, cls in (("summarization", tasks.Summarization), ("extractive_qa", tasks.ExtractiveQA),
                                   ("classification", tasks.Classification)) if isinstance(task, cls)), None)
     if not preds or len(preds) != m["count"] or kind is None:
@@ -345,10 +341,9 @@ def commands(timings, configs):
 def step_times(timings, runs, evals):
     """One wall-time figure per step. Training steps: the metrics log, adding up the segments of
     a resumed run (the pipeline's clock sees only the last segment); other steps: the pipeline's."""
-    steps = dict.fromkeys(("prepare_owt", "pretrain", "prepare_finetune", "finetune", "evaluate", "report"))
     pipeline = (timings or {}).get("steps") or {}
     rows = []
-    for step in steps:
+    for step in pipeline or ("pretrain", "finetune", "evaluate"):
         logged = runs.get(step)
         if logged and (logged[1] or logged[2]):
             rows.append((step, duration(wall_seconds(logged[1] + logged[2])), "training loop, metrics log"))

@@ -167,7 +167,7 @@ def test_scores_carry_intervals_and_a_warning_under_200_examples(run):
     assert f"checkpoint sha256 `{SHA256}`" in text  # the full hash
     # squad has both predictions: intervals; the others' files hold fewer lines than the count
     squad, cnn = text.split("### squad")[1], text.split("### cnn_dailymail")[1].split("### sst2")[0]
-    assert "[0.00, 100.00]" in squad and "[" not in cnn.split("| **this model** |")[1].split("\n")[0]
+    assert "[0.00, 100.00]" in squad and "[" not in cnn.split("| **finetuned model** |")[1].split("\n")[0]
 
 
 def test_provenance_commands_as_typed_and_one_time_per_step(run, monkeypatch):
