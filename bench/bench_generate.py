@@ -12,7 +12,7 @@ Beam part: --num-beams beams (n-gram blocking 3, as the gpu preset evaluates) ov
 time (generation.beam_search, the reference) and all of a batch at once
 (batched_beam_search), alternated, median of --repeats; examples/s and whether they agree.
 
-Eval part: evaluate.evaluate_task on each task's scored split, greedy and with --eval-beams
+Eval part: scoring.evaluate_task on each task's scored split, greedy and with --eval-beams
 beams (n-gram blocking 3), with --ckpt or else random weights in the CPU preset's shape (never
 an EOT, so every example generates the task's whole max_new_tokens: an upper bound). All of a
 split, or the first --limit examples extrapolated to the whole split (reported as an
@@ -34,7 +34,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import evaluate  # noqa: E402
+import scoring  # noqa: E402
 from generation import batched_beam_search, beam_search  # noqa: E402
 import tasks  # noqa: E402
 from common import UserError, get_tokenizer, run_main, write_json  # noqa: E402
@@ -145,8 +145,8 @@ def per_prompt_search(model, prompts, *args):
 def time_eval(model, enc, task, rows, settings, rt, search=None):
     """evaluate_task's decoding seconds (the baseline's scoring not included), with `search` in
     place of the batched beam search if given."""
-    with mock.patch.object(evaluate, "batched_beam_search", search or batched_beam_search):
-        return evaluate.evaluate_task(model, enc, task, rows, settings, rt.autocast)[0]["wall_time_s"]
+    with mock.patch.object(scoring, "batched_beam_search", search or batched_beam_search):
+        return scoring.evaluate_task(model, enc, task, rows, settings, rt.autocast)[0]["wall_time_s"]
 
 
 def bench_eval(args, device):
@@ -159,7 +159,7 @@ def bench_eval(args, device):
         rows = task.load_rows(split, args.data_root)
         timed = rows[:args.limit] if args.limit else rows
         for beams in (args.eval_beams if not task.label_words else [1]):  # labels are scored, not decoded
-            settings = evaluate.EvalSettings(split=split, batch_size=args.batch_size, data_root=args.data_root,
+            settings = scoring.EvalSettings(split=split, batch_size=args.batch_size, data_root=args.data_root,
                                              num_beams=beams, no_repeat_ngram_size=3 if beams > 1 else 0)
             searches = {"batched": None} | ({"per_prompt": per_prompt_search} if args.per_prompt_too and beams > 1
                                             else {})

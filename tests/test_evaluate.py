@@ -11,6 +11,7 @@ import torch
 from torch.nn import functional as F
 
 import evaluate
+import scoring
 import tasks
 from common import UserError, get_tokenizer
 from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
@@ -100,8 +101,8 @@ def test_label_logprobs_match_a_full_forward_and_pick_the_argmax(shared_data):
     # evaluate_task's SST-2 prediction is the more likely label word
     model = tiny(vocab_size=50304, block_size=128)
     rows = tasks.get_task("sst2").load_rows("validation", str(shared_data), limit=6)
-    settings = evaluate.EvalSettings(batch_size=4, data_root=str(shared_data), progress=False)
-    result, preds = evaluate.evaluate_task(model, get_tokenizer(), "sst2", rows, settings)
+    settings = scoring.EvalSettings(batch_size=4, data_root=str(shared_data), progress=False)
+    result, preds = scoring.evaluate_task(model, get_tokenizer(), "sst2", rows, settings)
     for p in preds:
         assert p["prediction"] == max(p["label_logprobs"], key=p["label_logprobs"].get)
     correct = sum(p["prediction"] == p["references"][0] for p in preds)

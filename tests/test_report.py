@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import evaluate
+import scoring
 import metrics
 import report
 import tasks
@@ -51,7 +51,7 @@ def eval_result(task, scores, base, split="validation"):
     """A metrics JSON shaped exactly as evaluate.main writes it."""
     return {"task": task, "split": split, "count": 2, "scores": scores, "baseline": base,
             "shots": {"requested": None, "format": "finetuning prompt"},
-            "decoding": evaluate.decoding_settings(tasks.get_task(task), evaluate.EvalSettings()), "wall_time_s": 1.5,
+            "decoding": scoring.decoding_settings(tasks.get_task(task), scoring.EvalSettings()), "wall_time_s": 1.5,
             "examples_per_s": 1.3, "generated_tokens": None, "generated_tokens_per_s": None,
             "checkpoint": {"path": "/x/model.pt", "sha256": SHA256}, "tasks_version": 1,
             "checkpoint_tasks_version": 1, "device": "cpu", "dtype": "float32", "data_source": f"../shared/{task}"}

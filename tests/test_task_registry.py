@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import evaluate
+import scoring
 import finetune
 import prepare_finetune
 import tasks
@@ -79,8 +79,8 @@ def test_a_task_registered_in_a_test_runs_through_every_stage(toy):
     assert set(finetuned["val_losses"]) == {"reverse"}
 
     rows = tasks.get_task("reverse").load_rows("validation", str(toy / "data"))
-    settings = evaluate.EvalSettings(batch_size=4, progress=False)
-    result, preds = evaluate.evaluate_task(model, enc, "reverse", rows, settings)
+    settings = scoring.EvalSettings(batch_size=4, progress=False)
+    result, preds = scoring.evaluate_task(model, enc, "reverse", rows, settings)
     assert result["task"] == "reverse" and result["count"] == 12 and set(result["scores"]) == {"exact", "count"}
     echo_hits = sum(r["words"] == TOY.references(r)[0] for r in rows)
     assert result["baseline"] == {"name": "echo", "scores": {"exact": 100.0 * echo_hits / 12, "count": 12}}
