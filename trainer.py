@@ -153,7 +153,8 @@ class Run:
                 group["initial_lr"] = group["lr"]
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.iter, self.best_val = 0, float("inf")
-        if cfg.resume and os.path.exists(self.ckpt_path):
+        self.restored = cfg.resume and os.path.exists(self.ckpt_path)
+        if self.restored:
             self._restore()
         elif cfg.resume and rt.master:
             print(f"no checkpoint at {self.ckpt_path}: starting from scratch")
@@ -284,7 +285,8 @@ def train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=None, bes
     batches, stop, losses = Prefetcher(train_source, rt.device, run.batch_keys()), StopFlag(), {}
 
     while run.iter < cfg.max_iters:
-        if run.iter % cfg.eval_interval == 0 and (run.iter > run.start_iter or run.iter == 0):  # iter 0: the start
+        if run.iter % cfg.eval_interval == 0 and (run.iter > run.start_iter or not run.restored):  # a checkpoint
+            # was written by the evaluation of its own step: a resumed run does not repeat it
             losses = run.evaluate(eval_sources, log)
         loss = run.step(batches)
         if run.iter % cfg.log_interval and run.iter != cfg.max_iters:

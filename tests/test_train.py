@@ -240,3 +240,14 @@ def test_a_run_resumes_in_another_precision(corpus):
     train.main(args + ["--max_iters=2", "--dtype=bfloat16"])
     train.main(args + ["--max_iters=3", "--dtype=float16", "--resume"])  # now with a GradScaler
     assert load_checkpoint(str(corpus / "o" / "ckpt.pt"))["iter_num"] == 3
+
+
+def test_a_run_resumed_from_its_first_checkpoint_logs_each_evaluation_once(corpus, monkeypatch):
+    args = TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--eval_interval=3", "--max_iters=3"]
+    with monkeypatch.context() as m:  # killed in the first step: only the evaluation at 0 and its checkpoint
+        m.setattr(trainer.Run, "step", lambda self, batches: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args)
+    assert load_checkpoint(str(corpus / "o" / "ckpt.pt"))["iter_num"] == 0
+    train.main(args + ["--resume"])
+    assert [r["iter"] for r in read_metrics(corpus / "o") if r["type"] == "eval"] == [0, 3]
