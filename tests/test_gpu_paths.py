@@ -41,6 +41,9 @@ def test_a_single_gpu_gets_an_indexed_device(monkeypatch):
         rt = runtime.setup_runtime(name)
         assert rt.device == torch.device("cuda:0") and rt.dtype == torch.bfloat16
     assert chosen == [torch.device("cuda:0")] * 2
+    # a GPU with only emulated bf16 (V100, T4) gets fp16, which the GradScaler then guards
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert runtime.setup_runtime("cuda").dtype == torch.float16
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert runtime.pick_device("cuda", local_rank=3) == torch.device("cuda:3")
 
