@@ -39,8 +39,24 @@ def test_presets_and_overrides_are_typed():
     assert (cfg.n_layer, cfg.compile, cfg.dropout, cfg.block_size) == (2, True, 0.1, 512)
     assert parse_config(TrainConfig, ["--learning-rate=1e-3"]).learning_rate == 1e-3
     # presets apply in order: an overlay changes only what it names
-    modern = parse_config(TrainConfig, ["config/pretrain_cpu.py", "config/modern.py", "--max_iters=7"])
-    assert (modern.pos_emb, modern.optimizer, modern.block_size, modern.max_iters) == ("rope", "muon", 512, 7)
+    classic = parse_config(TrainConfig, ["config/pretrain_cpu.py", "config/gpt2_classic.py", "--max_iters=7"])
+    assert (classic.pos_emb, classic.optimizer, classic.block_size, classic.max_iters) == ("learned", "adamw", 512, 7)
+
+
+@pytest.mark.parametrize("preset", ["config/pretrain_cpu.py", "config/pretrain_gpt2_124m_1gpu.py",
+                                    "config/pretrain_gpt2_124m.py"])
+def test_every_pretraining_preset_trains_the_ablation_winner_and_gpt2_is_one_overlay_away(preset):
+    default = parse_config(TrainConfig, [preset])
+    assert (default.pos_emb, default.norm, default.mlp, default.qk_norm, default.tie_embeddings, default.bias,
+            default.optimizer) == ("rope", "rmsnorm", "swiglu", True, False, False, "muon")
+    classic = parse_config(TrainConfig, [preset, "config/gpt2_classic.py"])
+    gpt2 = GPTConfig()  # the dataclass defaults are GPT-2's architecture
+    assert (classic.pos_emb, classic.norm, classic.mlp, classic.qk_norm, classic.tie_embeddings, classic.bias,
+            classic.optimizer) == (gpt2.pos_emb, gpt2.norm, gpt2.mlp, gpt2.qk_norm, gpt2.tie_embeddings, gpt2.bias,
+                                   "adamw")
+    # the overlay changes the recipe only: shape, budget and rates stay the preset's
+    same = ("n_layer", "n_embd", "block_size", "batch_size", "max_iters", "learning_rate", "out_dir")
+    assert [getattr(classic, k) for k in same] == [getattr(default, k) for k in same]
 
 
 @pytest.mark.parametrize("argv, message", [
