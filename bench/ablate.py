@@ -1,224 +1,281 @@
-"""Architecture and optimizer ablation at CPU-preset scale: which modern options pay off?
+"""Which recipe should the presets train? The GPT-2 recipe against the default, at the CPU preset's budget.
 
-Every config trains the same model size (n_layer 4, n_head 4, n_embd 256; blocks of 256 tokens,
-batches of 8: 2,048 tokens per step) for the same number of steps on the same data (data/owt),
-with the same seed, so the same batches in the same order, and the same warmup + cosine schedule
-(AdamW 2e-3 -> 2e-4, the CPU preset; with Muon, muon_lr for the hidden matrices and the AdamW
-rate for the rest). Each run is `train.py config/pretrain_cpu.py ...` in a subprocess (one
-thread by default) with out_dir out/ablate/<name>. From each run's evaluation curve it reports
-the final validation loss and the tokens it took to reach the baseline's final loss (linear
-interpolation between evaluations; "not reached" if never).
+Every run is `train.py config/pretrain_cpu.py` (4 layers x 256, blocks of 512, warmup + cosine to
+10%) with the recipe spelled out on the command line, so a run means the same whatever the
+presets' defaults are:
+  classic   learned positions, LayerNorm, GELU, tied head, biases; AdamW for everything (2e-3)
+  default   RoPE, RMSNorm, SwiGLU, QK-norm, untied head, no biases; Muon for the hidden
+            matrices (0.02), AdamW (2e-3) for the embeddings, head and norms
+  modern_adamw  the default's architecture with AdamW only: splits the gain between the two
+The grid is recipes x rate scales x sequences per step x seeds, at a fixed token budget. A rate
+scale multiplies the recipe's tuned rate: AdamW's learning_rate (and min_lr) for classic and
+modern_adamw, muon_lr for default (x0.5, x1, x2 = 0.01, 0.02, 0.04). Sequences per step change
+the tokens per step at the same budget (fewer steps). After training, each run's final
+checkpoint is scored by `evaluate.py --task owt` on every 512-token window of data/owt/val.bin
+(the same windows for every run).
 
-Configs: gpt2 (the baseline: learned positions, LayerNorm, GELU, tied embeddings, biases), one
-change each (rope, rmsnorm, swiglu, relu2, qk_norm), modern (rope + rmsnorm + the better of
-swiglu / relu2 in this ablation + qk_norm + untied head + no biases), modern_muon (modern with
-Muon), and, only when asked for, modern_lr4e-3 (modern at twice the AdamW rate).
+    python bench/ablate.py                                           # classic vs default, 2 seeds
+    python bench/ablate.py --recipes classic --lr-scales 0.5,2 --seeds 1337
+    python bench/ablate.py --recipes default --lr-scales 0.5,2 --seeds 1337
+    python bench/ablate.py --tokens 400000 --jobs 2 --recipes classic,default --batch-sizes 8
 
-    python bench/ablate.py --iters 250                       # all default configs
-    python bench/ablate.py --iters 40 --configs gpt2,rope    # a subset
-A config whose out_dir already holds a finished run of the same command is not rerun (--force
-reruns); an interrupted one resumes. Writes out/bench/ablate.json and out/bench/ablate.md.
+Runs go to out/ablate/<name>, <name> = recipe[_lrXx][_bN]_sSEED; a finished run of the same
+command is reused, an interrupted one resumes. The report covers every finished run of this
+budget in out/ablate (so separate invocations add up): out/bench/ablate.md, .json and .png.
 """
 import argparse
+import concurrent.futures
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import UserError, atomic_path, run_main, write_json  # noqa: E402
 
-BASE = ["config/pretrain_cpu.py", "--block_size=256", "--batch_size=8", "--gradient_accumulation_steps=1",
-        "--learning_rate=2e-3", "--min_lr=2e-4", "--muon_lr=0.02", "--seed=1337", "--device=cpu",
-        "--dtype=float32", "--dropout=0.0"]
-MODERN = ["--pos_emb=rope", "--norm=rmsnorm", "--qk_norm=true", "--tie_embeddings=false", "--bias=false"]
-# name -> (overrides, what it changes); "{mlp}" is the better MLP of swiglu / relu2
-CONFIGS = {
-    "gpt2": ([], "baseline: learned pos, LayerNorm, GELU, tied, bias"),
-    "rope": (["--pos_emb=rope"], "+ RoPE"),
-    "rmsnorm": (["--norm=rmsnorm"], "+ RMSNorm"),
-    "swiglu": (["--mlp=swiglu"], "+ SwiGLU"),
-    "relu2": (["--mlp=relu2"], "+ ReLU^2"),
-    "qk_norm": (["--qk_norm=true"], "+ QK-norm"),
-    "modern": (MODERN + ["--mlp={mlp}"], "RoPE + RMSNorm + {mlp} + QK-norm + untied + no bias"),
-    "modern_muon": (MODERN + ["--mlp={mlp}", "--optimizer=muon"], "modern + Muon (hidden matrices)"),
-    "modern_lr4e-3": (MODERN + ["--mlp={mlp}", "--learning_rate=4e-3", "--min_lr=4e-4"],
-                      "modern, AdamW lr 4e-3 -> 4e-4"),
+RECIPES = {
+    "classic": ["--pos_emb=learned", "--norm=layernorm", "--mlp=gelu", "--qk_norm=false",
+                "--tie_embeddings=true", "--bias=true", "--optimizer=adamw"],
+    "default": ["--pos_emb=rope", "--norm=rmsnorm", "--mlp=swiglu", "--qk_norm=true",
+                "--tie_embeddings=false", "--bias=false", "--optimizer=muon"],
 }
-DEFAULT = ["gpt2", "rope", "rmsnorm", "swiglu", "relu2", "qk_norm", "modern", "modern_muon"]
+RECIPES["modern_adamw"] = RECIPES["default"][:-1] + ["--optimizer=adamw"]
+ADAMW_LR, MUON_LR, MUON_MOMENTUM = 2e-3, 0.02, 0.95
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--iters", type=int, default=250, help="optimizer steps per config (2,048 tokens each)")
-    p.add_argument("--configs", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    floats = lambda s: [float(x) for x in s.split(",") if x]  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    p.add_argument("--recipes", default="classic,default", help=f"comma-separated: {', '.join(RECIPES)}")
+    p.add_argument("--lr-scales", type=floats, default=[1.0], help="multiples of the recipe's rate (default 1)")
+    p.add_argument("--batch-sizes", type=ints, default=[4], help="sequences of 512 tokens per step (default 4)")
+    p.add_argument("--seeds", type=ints, default=[1337, 1338], help="default 1337,1338")
+    p.add_argument("--tokens", type=int, default=2_048_000, help="tokens per run (default 2,048,000: the preset's)")
+    p.add_argument("--evals", type=int, default=10, help="evaluations during training (default 10)")
+    p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (default 10)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default min(50, iters // 5))")
-    p.add_argument("--evals", type=int, default=10, help="evaluations after iteration 0 (default 10)")
-    p.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation (default 20)")
-    p.add_argument("--modern-mlp", choices=("swiglu", "relu2"),
-                   help="MLP of the modern configs (default: the lower final loss of swiglu / relu2)")
-    p.add_argument("--out-root", default="out/ablate", help="runs go to OUT_ROOT/<name>")
-    p.add_argument("--force", action="store_true", help="rerun configs that already finished")
+    p.add_argument("--eval-windows", type=int, help="final evaluation: first N windows of val.bin (default all)")
+    p.add_argument("--data-dir", default="data/owt")
+    p.add_argument("--out-root", default="out/ablate")
+    p.add_argument("--report-dir", default="out/bench")
+    p.add_argument("--block-size", type=int, default=512, help="tokens per sequence (default 512: the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="another train.py override for every run (e.g. a smaller model for a quick try)")
+    p.add_argument("--report-only", action="store_true", help="no training: report the finished runs")
     args = p.parse_args(argv)
-    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    unknown = [c for c in args.configs if c not in CONFIGS]
+    args.recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
-        raise UserError(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
-    if args.iters < args.evals:
-        raise UserError(f"--iters ({args.iters}) must be at least --evals ({args.evals})")
+        raise UserError(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    for b in args.batch_sizes:
+        step = b * args.block_size
+        if args.tokens % step or args.tokens // step < args.evals:
+            raise UserError(f"--tokens {args.tokens:,} is not a whole number of steps of {b} x {args.block_size} "
+                            f"tokens (at least --evals {args.evals}); try {step * 1000:,}")
+    if min(args.lr_scales) <= 0 or args.jobs < 1:
+        raise UserError("--lr-scales must be positive and --jobs at least 1")
+    for split in ("train.bin", "val.bin"):
+        if not args.report_only and not os.path.isfile(os.path.join(ROOT, args.data_dir, split)):
+            raise UserError(f"{args.data_dir}/{split} not found; run python prepare_owt.py --source "
+                            f"../shared/data/webtext --decontaminate --data-root ../shared/data")
     return args
 
 
-def read_metrics(out_dir):
-    path = os.path.join(ROOT, out_dir, "metrics.jsonl")
+def run_name(recipe, scale, batch, seed):
+    return (recipe + ("" if scale == 1 else f"_lr{scale:g}x") + ("" if batch == 4 else f"_b{batch}")
+            + f"_s{seed}")
+
+
+def train_argv(args, recipe, scale, batch, seed, out_dir):
+    """train.py's arguments for one run; the schedule keeps the preset's shape at any budget."""
+    iters = args.tokens // (batch * args.block_size)
+    adamw = ADAMW_LR * (1 if recipe == "default" else scale)
+    rates = [f"--learning_rate={adamw:g}", f"--min_lr={adamw / 10:g}"]
+    if recipe == "default":
+        rates += [f"--muon_lr={MUON_LR * scale:g}", f"--muon_momentum={MUON_MOMENTUM:g}"]
+    return (["config/pretrain_cpu.py", "--device=cpu", "--dtype=float32", f"--num_threads={args.threads}",
+             "--compile=false", f"--seed={seed}", f"--batch_size={batch}", "--gradient_accumulation_steps=1",
+             f"--max_iters={iters}", f"--warmup_iters={max(1, iters // 20)}",
+             f"--eval_interval={iters // args.evals}", f"--eval_iters={args.eval_iters}"]
+            + ([] if args.block_size == 512 else [f"--block_size={args.block_size}"])
+            + rates + RECIPES[recipe] + [f"--{kv}" for kv in args.set]
+            + [f"--data_dir={args.data_dir}", f"--out_dir={out_dir}"])
+
+
+def read_jsonl(path):
     if not os.path.exists(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def eval_curve(records):
-    return [(r["iter"], r["val_loss"]) for r in records if r["type"] == "eval"]
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
-def tokens_to_reach(curve, target, tokens_per_iter):
-    """Tokens at which the evaluation curve first reaches target, interpolating linearly
-    between the two evaluations around the crossing; None if it never does."""
-    for (i0, l0), (i1, l1) in zip(curve, curve[1:]):
-        if l1 <= target:
-            frac = (l0 - target) / (l0 - l1) if l0 > target else 0.0
-            return (i0 + frac * (i1 - i0)) * tokens_per_iter
-    if curve and curve[0][1] <= target:
-        return 0.0
+def finished(out_dir, iters):
+    evals = [r for r in read_jsonl(os.path.join(ROOT, out_dir, "metrics.jsonl")) if r["type"] == "eval"]
+    return bool(evals) and evals[-1]["iter"] == iters
+
+
+def run_one(args, spec):
+    """Train (or resume, or reuse) one run, then score its final checkpoint on the fixed windows."""
+    name, argv, iters = spec["name"], spec["argv"], spec["iters"]
+    out_dir = os.path.join(args.out_root, name)
+    stamp = os.path.join(ROOT, out_dir, "ablate_argv.json")
+    same = os.path.exists(stamp) and read_json(stamp) == argv
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    log_path = os.path.join(ROOT, out_dir, "train.log")
+    if not (same and finished(out_dir, iters)):
+        os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)
+        write_json(stamp, argv)
+        flag = "--resume" if same else "--overwrite"
+        print(f"[{name}] python train.py {' '.join(argv)} {flag}", flush=True)
+        with open(log_path, "a") as log:
+            if subprocess.run([sys.executable, "train.py", *argv, flag], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT).returncode:
+                raise UserError(f"{name}: train.py failed; see {log_path}")
+    final = os.path.join(ROOT, out_dir, "eval", "owt_val_metrics.json")
+    ckpt = os.path.join(ROOT, out_dir, "ckpt.pt")
+    if not os.path.exists(final) or os.path.getmtime(final) < os.path.getmtime(ckpt):
+        cmd = ["evaluate.py", "--task", "owt", "--ckpt", ckpt, "--owt-bin", os.path.join(args.data_dir, "val.bin"),
+               "--device", "cpu", "--dtype", "float32"] + (["--limit", str(args.eval_windows)] if args.eval_windows
+                                                            else [])
+        with open(log_path, "a") as log:
+            if subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT).returncode:
+                raise UserError(f"{name}: evaluate.py failed; see {log_path}")
+    print(f"[{name}] final validation loss {read_json(final)['scores']['loss']:.4f}", flush=True)
+
+
+def collect(args):
+    """Every finished run of this budget under out_root, with its curve and final score."""
+    runs = []
+    root = os.path.join(ROOT, args.out_root)
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        stamp, final = (os.path.join(root, name, p) for p in ("ablate_argv.json", "eval/owt_val_metrics.json"))
+        if not (os.path.exists(stamp) and os.path.exists(final)):
+            continue
+        argv = dict(a[2:].split("=", 1) for a in read_json(stamp) if a.startswith("--"))
+        batch, iters = int(argv["batch_size"]), int(argv["max_iters"])
+        if batch * args.block_size * iters != args.tokens or not finished(os.path.join(args.out_root, name), iters):
+            continue
+        records = read_jsonl(os.path.join(root, name, "metrics.jsonl"))
+        recipe = next(r for r, flags in RECIPES.items() if all(f[2:] in (f"{k}={v}" for k, v in argv.items())
+                                                                 for f in flags))
+        optimizer_lr = float(argv["muon_lr"]) if argv["optimizer"] == "muon" else float(argv["learning_rate"])
+        train_rows = [r for r in records if r["type"] == "train"]
+        train_rows = train_rows[1:] or train_rows  # the first logged rows hold the warm-up
+        runs.append({"name": name, "recipe": recipe, "seed": int(argv["seed"]), "batch_size": batch,
+                     "optimizer": argv["optimizer"], "lr": optimizer_lr, "steps": iters,
+                     "final_loss": read_json(final)["scores"]["loss"],
+                     "curve": [(r["iter"] * batch * args.block_size, r["time"] / 60, r["val_loss"])
+                               for r in records if r["type"] == "eval"],
+                     "minutes": records[-1]["time"] / 60,
+                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train_rows)})
+    return runs
+
+
+def loss_at_minutes(curve, minutes):
+    """The evaluation curve's loss at a wall-clock time, by linear interpolation; None past its end."""
+    for (_, t0, l0), (_, t1, l1) in zip(curve, curve[1:]):
+        if t0 <= minutes <= t1:
+            return l0 + (l1 - l0) * (minutes - t0) / (t1 - t0)
     return None
 
 
-def run_config(name, argv, args):
-    out_dir = os.path.join(args.out_root, name)
-    full = [*argv, f"--out_dir={out_dir}"]
-    stamp = os.path.join(ROOT, out_dir, "ablate_argv.json")
-    records = read_metrics(out_dir)
-    done = eval_curve(records) and eval_curve(records)[-1][0] == args.iters
-    if os.path.exists(stamp) and not args.force:
-        with open(stamp) as f:
-            same = json.load(f) == full
-        if same and done:
-            print(f"[{name}] already finished in {out_dir}: reusing", flush=True)
-            return
-    else:
-        same = False
-    os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)
-    with atomic_path(stamp) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(full, f)
-    cmd = [sys.executable, "train.py", *full] + (["--resume"] if same and not args.force else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OMP_WAIT_POLICY": "PASSIVE",
-           "MKL_NUM_THREADS": str(args.threads)}
-    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
-    t0 = time.time()
-    with open(os.path.join(ROOT, out_dir, "train.log"), "a") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            step = re.match(r"iter (\d+)/", line)
-            if ": val " in line or (step and int(step.group(1)) % 50 == 0) or line.startswith("error"):
-                print(f"[{name}] {line.rstrip()}", flush=True)
-        if proc.wait():
-            raise UserError(f"{name}: train.py failed (exit {proc.returncode}); see {out_dir}/train.log")
-    print(f"[{name}] done in {(time.time() - t0) / 60:.1f} min", flush=True)
+def summarize(runs):
+    """One row per (recipe, optimizer rate, sequences per step): mean and spread over seeds."""
+    groups = {}
+    for r in runs:
+        groups.setdefault((r["recipe"], r["lr"], r["batch_size"]), []).append(r)
+    rows = []
+    for (recipe, lr, batch), rs in sorted(groups.items()):
+        finals = [r["final_loss"] for r in rs]
+        rows.append({"recipe": recipe, "optimizer": rs[0]["optimizer"], "lr": lr, "batch_size": batch,
+                     "seeds": [r["seed"] for r in rs], "finals": finals, "mean": statistics.mean(finals),
+                     "spread": max(finals) - min(finals), "minutes": statistics.median(r["minutes"] for r in rs),
+                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs)})
+    return rows
 
 
-def summarize(name, args, tokens_per_iter):
-    records = read_metrics(os.path.join(args.out_root, name))
-    curve = eval_curve(records)
-    if not curve or curve[-1][0] != args.iters:
-        raise UserError(f"{name}: no finished run in {args.out_root}/{name}")
-    ms = [r["ms_per_iter"] for r in records if r["type"] == "train" and r["iter"] > 10]
-    return {"name": name, "final_val_loss": curve[-1][1], "curve": curve,
-            "ms_per_iter": round(statistics.median(ms), 1) if ms else None,
-            "tokens": args.iters * tokens_per_iter}
+def markdown(args, runs, rows):
+    out = [f"# Recipe ablation, {args.tokens:,} tokens per run, CPU preset shape\n",
+           f"Final validation loss: every {args.block_size}-token window of {args.data_dir}/val.bin "
+           "(the same windows for every run).\n",
+           "| recipe | optimizer (rate) | tokens/step | seeds | final val loss, mean | per seed | minutes | tok/s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['recipe']} | {r['optimizer']} ({r['lr']:g}) | {r['batch_size'] * args.block_size:,} | "
+                   f"{len(r['seeds'])} | {r['mean']:.3f} | {', '.join(f'{x:.3f}' for x in r['finals'])} | "
+                   f"{r['minutes']:.0f} | {r['tokens_per_s']:.0f} |")
+    best = {rec: min((r for r in rows if r["recipe"] == rec), key=lambda r: r["mean"])
+            for rec in dict.fromkeys(r["recipe"] for r in rows)}
+    if "classic" in best and "default" in best:
+        c, d = best["classic"], best["default"]
+        out.append(f"\nBest default ({d['optimizer']} {d['lr']:g}) minus best classic ({c['optimizer']} "
+                   f"{c['lr']:g}), equal tokens: {d['mean'] - c['mean']:+.3f} nats.")
+        pairs = [(a, b) for a in runs for b in runs if a["seed"] == b["seed"] and a["batch_size"] == b["batch_size"]
+                 and (a["recipe"], a["lr"]) == ("classic", c["lr"]) and (b["recipe"], b["lr"]) == ("default", d["lr"])]
+        for a, b in pairs:  # equal wall-clock: where each was when the faster one finished
+            t = min(a["minutes"], b["minutes"])
+            la, lb = loss_at_minutes(a["curve"], t), loss_at_minutes(b["curve"], t)
+            if la is not None and lb is not None:
+                out.append(f"Equal wall-clock, seed {a['seed']}: after {t:.0f} min, classic {la:.3f} vs default "
+                           f"{lb:.3f} ({lb - la:+.3f}; in-training evaluation, {args.eval_iters} batches).")
+    return "\n".join(out) + "\n"
 
 
-def pick_mlp(args, tokens_per_iter):
-    if args.modern_mlp:
-        return args.modern_mlp, "set by --modern-mlp"
-    finals = {}
-    for mlp in ("swiglu", "relu2"):
-        curve = eval_curve(read_metrics(os.path.join(args.out_root, mlp)))
-        if curve and curve[-1][0] == args.iters:
-            finals[mlp] = curve[-1][1]
-    if not finals:
-        return "swiglu", "swiglu (default: neither swiglu nor relu2 was run at this budget)"
-    best = min(finals, key=finals.get)
-    return best, f"{best} (final val " + ", ".join(f"{k} {v:.4f}" for k, v in finals.items()) + ")"
-
-
-def fmt_tokens(n):
-    return "not reached" if n is None else f"{n / 1e3:,.0f}k"
+def plot(runs, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colors = {}
+    for r in sorted(runs, key=lambda r: (r["recipe"], r["lr"], r["batch_size"], r["seed"])):
+        key = f"{r['recipe']} {r['optimizer']} {r['lr']:g}" + ("" if r["batch_size"] == 4 else f" b{r['batch_size']}")
+        label = None if key in colors else key  # one legend entry per configuration, not per seed
+        color = colors.setdefault(key, f"C{len(colors) % 10}")
+        tokens, minutes, loss = zip(*r["curve"][1:])
+        axes[0].plot([t / 1e6 for t in tokens], loss, color=color, label=label, alpha=0.8)
+        axes[1].plot(minutes, loss, color=color, alpha=0.8)
+    axes[0].set(xlabel="tokens (M)", ylabel="validation loss (in-training, 10 batches)")
+    axes[1].set(xlabel="wall-clock minutes (1 thread, 2 runs sharing 2 cores)")
+    axes[0].legend(fontsize=8)
+    top = max(l for r in runs for _, _, l in r["curve"][1:3])
+    axes[0].set_ylim(min(l for r in runs for _, _, l in r["curve"]) - 0.1, min(top, 8.0))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    warmup = args.warmup if args.warmup is not None else min(50, args.iters // 5)
-    eval_interval = max(1, args.iters // args.evals)
-    common = BASE + [f"--max_iters={args.iters}", f"--warmup_iters={warmup}", f"--eval_interval={eval_interval}",
-                     f"--eval_iters={args.eval_iters}", "--log_interval=10", f"--num_threads={args.threads}"]
-    tokens_per_iter = 256 * 8
-    command = "python bench/ablate.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    order = [c for c in DEFAULT + list(CONFIGS) if c in args.configs]
-    order = list(dict.fromkeys(order))  # single-change runs first: modern needs the MLP winner
-    mlp, mlp_reason = "swiglu", ""
-    started = time.time()
-    for name in order:
-        overrides, _ = CONFIGS[name]
-        if "{mlp}" in " ".join(overrides):
-            mlp, mlp_reason = pick_mlp(args, tokens_per_iter)
-            print(f"[{name}] MLP: {mlp_reason}", flush=True)
-        run_config(name, common + [o.replace("{mlp}", mlp) for o in overrides], args)
-    rows = [summarize(name, args, tokens_per_iter) for name in order]
-    base = next((r for r in rows if r["name"] == "gpt2"), None)
-    if base is None:
-        base_curve = eval_curve(read_metrics(os.path.join(args.out_root, "gpt2")))
-        if base_curve and base_curve[-1][0] == args.iters:
-            base = {"final_val_loss": base_curve[-1][1], "tokens": args.iters * tokens_per_iter}
-    for r in rows:
-        r["description"] = CONFIGS[r["name"]][1].replace("{mlp}", mlp)
-        r["argv"] = common + [o.replace("{mlp}", mlp) for o in CONFIGS[r["name"]][0]]
-        if base:
-            r["delta_vs_baseline"] = r["final_val_loss"] - base["final_val_loss"]
-            r["tokens_to_baseline"] = tokens_to_reach(r["curve"], base["final_val_loss"], tokens_per_iter)
-            r["fraction_of_baseline_tokens"] = (r["tokens_to_baseline"] / base["tokens"]
-                                                if r["tokens_to_baseline"] is not None else None)
-
-    header = ("| config | change | final val loss | vs gpt2 | tokens to gpt2's final loss | share of gpt2's tokens "
-              "| ms/iter |\n|---|---|---|---|---|---|---|")
-    lines = []
-    for r in rows:
-        share = r.get("fraction_of_baseline_tokens")
-        lines.append(f"| {r['name']} | {r['description']} | {r['final_val_loss']:.4f} | "
-                     f"{r.get('delta_vs_baseline', float('nan')):+.4f} | {fmt_tokens(r.get('tokens_to_baseline'))} | "
-                     f"{'-' if share is None else f'{share * 100:.0f}%'} | {r['ms_per_iter']} |")
-    budget = (f"{args.iters} steps x {tokens_per_iter:,} tokens = {args.iters * tokens_per_iter / 1e6:.2f}M tokens per "
-              f"config; warmup {warmup}, cosine to 0.1x; evaluation every {eval_interval} steps on "
-              f"{args.eval_iters} fixed validation batches ({args.eval_iters * tokens_per_iter:,} tokens); "
-              f"{args.threads} thread(s); modern MLP: {mlp_reason or mlp}")
-    md = (f"# Ablation at CPU-preset scale\n\n`{command}`\n\n{budget}\n\n{header}\n" + "\n".join(lines) + "\n")
+    specs = [{"name": run_name(rec, s, b, seed), "iters": args.tokens // (b * args.block_size),
+              "argv": train_argv(args, rec, s, b, seed, os.path.join(args.out_root, run_name(rec, s, b, seed)))}
+             for seed in args.seeds for rec in args.recipes for s in args.lr_scales for b in args.batch_sizes]
+    if not args.report_only:
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(run_one, args, spec) for spec in specs]:
+                future.result()
+    runs = collect(args)
+    if not runs:
+        raise UserError(f"no finished run of {args.tokens:,} tokens in {args.out_root}")
+    rows = summarize(runs)
+    md = markdown(args, runs, rows)
     print("\n" + md, flush=True)
-    os.makedirs(os.path.join(ROOT, "out", "bench"), exist_ok=True)
-    with atomic_path(os.path.join(ROOT, "out", "bench", "ablate.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write(md)
-    write_json(os.path.join(ROOT, "out", "bench", "ablate.json"),
-               {"command": command, "iters": args.iters, "tokens_per_iter": tokens_per_iter, "warmup": warmup,
-                "eval_interval": eval_interval, "eval_iters": args.eval_iters, "threads": args.threads,
-                "modern_mlp": mlp, "modern_mlp_reason": mlp_reason, "wall_min": round((time.time() - started) / 60, 1),
-                "rows": rows})
+    report = os.path.join(ROOT, args.report_dir)
+    os.makedirs(report, exist_ok=True)
+    with atomic_path(os.path.join(report, "ablate.md")) as tmp, open(tmp, "w") as f:
+        f.write(md)
+    write_json(os.path.join(report, "ablate.json"), {"tokens": args.tokens, "runs": runs, "rows": rows})
+    plot(runs, os.path.join(report, "ablate.png"))
+    print(f"wrote {args.report_dir}/ablate.md, ablate.json, ablate.png")
     return rows
 
 

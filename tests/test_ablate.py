@@ -1,0 +1,70 @@
+"""bench/ablate.py: each run trains the recipe it names, on the same budget; finished runs are reused;
+the report compares the recipes on the same validation windows."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from common import UserError
+
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("ablate", os.path.join(ROOT, "bench", "ablate.py"))
+ablate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablate)
+
+TINY_MODEL = ["--set", "n_layer=1", "--set", "n_head=2", "--set", "n_embd=32"]
+
+
+def tiny(corpus, tmp_path, *extra):
+    # 2 sequences of 32 tokens per step, 10 steps; run names carry _b2 (the preset's is 4 sequences)
+    return ["--data-dir", str(corpus), "--out-root", str(tmp_path / "runs"), "--report-dir", str(tmp_path / "report"),
+            "--block-size", "32", "--tokens", "640", "--batch-sizes", "2", "--evals", "2", "--eval-iters", "2",
+            "--jobs", "2", *TINY_MODEL, *extra]
+
+
+def saved_config(tmp_path, name):
+    return torch.load(tmp_path / "runs" / name / "ckpt.pt", map_location="cpu", weights_only=False)["config"]
+
+
+def test_recipes_train_what_they_name_on_equal_tokens_and_are_scored_on_the_same_windows(corpus, tmp_path):
+    rows = ablate.main(tiny(corpus, tmp_path, "--seeds", "1", "--lr-scales", "1,2"))
+    classic, default = saved_config(tmp_path, "classic_b2_s1"), saved_config(tmp_path, "default_lr2x_b2_s1")
+    assert (classic["pos_emb"], classic["tie_embeddings"], classic["optimizer"]) == ("learned", True, "adamw")
+    assert (default["pos_emb"], default["norm"], default["optimizer"]) == ("rope", "rmsnorm", "muon")
+    # a rate scale multiplies the rate its recipe tunes: AdamW's for classic, Muon's for default
+    assert classic["learning_rate"] == 2e-3 and saved_config(tmp_path, "classic_lr2x_b2_s1")["learning_rate"] == 4e-3
+    assert default["muon_lr"] == 0.04 and default["learning_rate"] == 2e-3
+    assert {(r["recipe"], r["lr"]) for r in rows} == {("classic", 2e-3), ("classic", 4e-3),
+                                                       ("default", 0.02), ("default", 0.04)}
+    finals = [json.loads((tmp_path / "runs" / name / "eval" / "owt_val_metrics.json").read_text())
+              for name in ("classic_b2_s1", "classic_lr2x_b2_s1", "default_b2_s1", "default_lr2x_b2_s1")]
+    assert len({(f["scores"]["windows"], f["scores"]["tokens"]) for f in finals}) == 1  # the same windows
+    assert all(0 < f["scores"]["loss"] < math.log(50304) for f in finals)  # better than uniform guessing
+    report = (tmp_path / "report" / "ablate.md").read_text()
+    assert "| classic | adamw (0.002) | 64 | 1 |" in report and "Equal wall-clock, seed 1" in report
+    assert (tmp_path / "report" / "ablate.png").stat().st_size > 1000
+
+
+def test_a_finished_run_is_reused_and_a_changed_command_retrains(corpus, tmp_path):
+    args = tiny(corpus, tmp_path, "--seeds", "1", "--recipes", "classic")
+    ablate.main(args)
+    ckpt = tmp_path / "runs" / "classic_b2_s1" / "ckpt.pt"
+    before = ckpt.stat().st_mtime_ns
+    ablate.main(args)
+    assert ckpt.stat().st_mtime_ns == before  # nothing retrained
+    ablate.main(args + ["--eval-iters", "1"])  # another command under the same name: trained again
+    assert ckpt.stat().st_mtime_ns != before
+    assert saved_config(tmp_path, "classic_b2_s1")["eval_iters"] == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--recipes", "llama"], "unknown recipe"),
+    (["--tokens", "650"], "not a whole number of steps"),
+])
+def test_bad_grids_get_one_line_errors(corpus, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        ablate.parse_args(tiny(corpus, tmp_path, *extra))
