@@ -89,7 +89,7 @@ class MetricsLog:
     lines of steps past its checkpoint so that curves have no duplicates."""
 
     def __init__(self, path, resume_iter=None):
-        self.path = path
+        self.path, keep = path, []
         if resume_iter is not None and os.path.exists(path):
             with open(path) as f:
                 keep = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
@@ -97,7 +97,9 @@ class MetricsLog:
                 f.writelines(keep)
         elif resume_iter is None and os.path.exists(path):
             os.remove(path)
-        self.started = time.time()
+        # "time" is training time: a resumed run continues from its last line, so that curves
+        # against wall-clock stay monotonic (bench/ablate.py compares recipes at equal time)
+        self.started = time.time() - (json.loads(keep[-1]).get("time", 0.0) if keep else 0.0)
 
     def elapsed(self):
         return time.time() - self.started

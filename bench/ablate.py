@@ -19,7 +19,7 @@ checkpoint is scored by `evaluate.py --task owt` on every 512-token window of da
     python bench/ablate.py --recipes default --lr-scales 0.5,2 --seeds 1337
     python bench/ablate.py --tokens 400000 --jobs 2 --recipes classic,default --batch-sizes 8
 
-Runs go to out/ablate/<name>, <name> = recipe[_lrXx][_bN]_sSEED; a finished run of the same
+Runs go to out/ablate/<name>, <name> = recipe[_lrXx][_bN][_tTOKENS]_sSEED; a finished run of the same
 command is reused, an interrupted one resumes. The report covers every finished run of this
 budget in out/ablate (so separate invocations add up): out/bench/ablate.md, .json and .png.
 """
@@ -43,6 +43,7 @@ RECIPES = {
 }
 RECIPES["modern_adamw"] = RECIPES["default"][:-1] + ["--optimizer=adamw"]
 ADAMW_LR, MUON_LR, MUON_MOMENTUM = 2e-3, 0.02, 0.95
+PRESET_TOKENS = 2_048_000  # config/pretrain_cpu.py: 1,000 steps of 4 x 512
 
 
 def parse_args(argv=None):
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-scales", type=floats, default=[1.0], help="multiples of the recipe's rate (default 1)")
     p.add_argument("--batch-sizes", type=ints, default=[4], help="sequences of 512 tokens per step (default 4)")
     p.add_argument("--seeds", type=ints, default=[1337, 1338], help="default 1337,1338")
-    p.add_argument("--tokens", type=int, default=2_048_000, help="tokens per run (default 2,048,000: the preset's)")
+    p.add_argument("--tokens", type=int, default=PRESET_TOKENS, help="tokens per run (default 2,048,000: the preset's)")
     p.add_argument("--evals", type=int, default=10, help="evaluations during training (default 10)")
     p.add_argument("--eval-iters", type=int, default=10, help="validation batches per evaluation (default 10)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (default 2)")
@@ -85,9 +86,10 @@ def parse_args(argv=None):
     return args
 
 
-def run_name(recipe, scale, batch, seed):
+def run_name(recipe, scale, batch, seed, tokens):
+    """Only what differs from the preset shows: budgets, rates and batches never share a folder."""
     return (recipe + ("" if scale == 1 else f"_lr{scale:g}x") + ("" if batch == 4 else f"_b{batch}")
-            + f"_s{seed}")
+            + ("" if tokens == PRESET_TOKENS else f"_t{tokens}") + f"_s{seed}")
 
 
 def train_argv(args, recipe, scale, batch, seed, out_dir):
@@ -256,9 +258,14 @@ def plot(runs, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    specs = [{"name": run_name(rec, s, b, seed), "iters": args.tokens // (b * args.block_size),
-              "argv": train_argv(args, rec, s, b, seed, os.path.join(args.out_root, run_name(rec, s, b, seed)))}
-             for seed in args.seeds for rec in args.recipes for s in args.lr_scales for b in args.batch_sizes]
+    specs = []
+    for seed in args.seeds:
+        for rec in args.recipes:
+            for s in args.lr_scales:
+                for b in args.batch_sizes:
+                    name = run_name(rec, s, b, seed, args.tokens)
+                    specs.append({"name": name, "iters": args.tokens // (b * args.block_size),
+                                  "argv": train_argv(args, rec, s, b, seed, os.path.join(args.out_root, name))})
     if not args.report_only:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
             for future in [pool.submit(run_one, args, spec) for spec in specs]:

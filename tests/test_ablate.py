@@ -32,16 +32,16 @@ def saved_config(tmp_path, name):
 
 def test_recipes_train_what_they_name_on_equal_tokens_and_are_scored_on_the_same_windows(corpus, tmp_path):
     rows = ablate.main(tiny(corpus, tmp_path, "--seeds", "1", "--lr-scales", "1,2"))
-    classic, default = saved_config(tmp_path, "classic_b2_s1"), saved_config(tmp_path, "default_lr2x_b2_s1")
+    classic, default = saved_config(tmp_path, "classic_b2_t640_s1"), saved_config(tmp_path, "default_lr2x_b2_t640_s1")
     assert (classic["pos_emb"], classic["tie_embeddings"], classic["optimizer"]) == ("learned", True, "adamw")
     assert (default["pos_emb"], default["norm"], default["optimizer"]) == ("rope", "rmsnorm", "muon")
     # a rate scale multiplies the rate its recipe tunes: AdamW's for classic, Muon's for default
-    assert classic["learning_rate"] == 2e-3 and saved_config(tmp_path, "classic_lr2x_b2_s1")["learning_rate"] == 4e-3
+    assert classic["learning_rate"] == 2e-3 and saved_config(tmp_path, "classic_lr2x_b2_t640_s1")["learning_rate"] == 4e-3
     assert default["muon_lr"] == 0.04 and default["learning_rate"] == 2e-3
     assert {(r["recipe"], r["lr"]) for r in rows} == {("classic", 2e-3), ("classic", 4e-3),
                                                        ("default", 0.02), ("default", 0.04)}
     finals = [json.loads((tmp_path / "runs" / name / "eval" / "owt_val_metrics.json").read_text())
-              for name in ("classic_b2_s1", "classic_lr2x_b2_s1", "default_b2_s1", "default_lr2x_b2_s1")]
+              for name in ("classic_b2_t640_s1", "classic_lr2x_b2_t640_s1", "default_b2_t640_s1", "default_lr2x_b2_t640_s1")]
     assert len({(f["scores"]["windows"], f["scores"]["tokens"]) for f in finals}) == 1  # the same windows
     assert all(0 < f["scores"]["loss"] < math.log(50304) for f in finals)  # better than uniform guessing
     report = (tmp_path / "report" / "ablate.md").read_text()
@@ -52,13 +52,13 @@ def test_recipes_train_what_they_name_on_equal_tokens_and_are_scored_on_the_same
 def test_a_finished_run_is_reused_and_a_changed_command_retrains(corpus, tmp_path):
     args = tiny(corpus, tmp_path, "--seeds", "1", "--recipes", "classic")
     ablate.main(args)
-    ckpt = tmp_path / "runs" / "classic_b2_s1" / "ckpt.pt"
+    ckpt = tmp_path / "runs" / "classic_b2_t640_s1" / "ckpt.pt"
     before = ckpt.stat().st_mtime_ns
     ablate.main(args)
     assert ckpt.stat().st_mtime_ns == before  # nothing retrained
     ablate.main(args + ["--eval-iters", "1"])  # another command under the same name: trained again
     assert ckpt.stat().st_mtime_ns != before
-    assert saved_config(tmp_path, "classic_b2_s1")["eval_iters"] == 1
+    assert saved_config(tmp_path, "classic_b2_t640_s1")["eval_iters"] == 1
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -153,6 +153,8 @@ def test_interrupted_run_resumes_exactly(corpus):
     assert all(torch.equal(full[k], cut[k]) for k in full)
     losses = lambda d: [(r["iter"], r.get("loss", r.get("val_loss"))) for r in read_metrics(d)]
     assert losses(corpus / "cut") == losses(corpus / "full")
+    times = [r["time"] for r in read_metrics(corpus / "cut")]
+    assert times == sorted(times)  # training time continues across the resume: curves vs time stay whole
 
 
 def test_resume_with_a_different_model_shape_is_a_clear_error(corpus):
