@@ -1,19 +1,31 @@
-"""The first run on a GPU: does every path a GPU preset takes work, and how long will the presets take?
+"""The first run on a GPU: does every path a GPU preset takes work, how long will the presets take,
+and does the default recipe beat the GPT-2 one at the 124M shape too?
 
-    python bench/gpu_check.py                        # one H100/H200: about 5 minutes
-    python bench/gpu_check.py --device cpu --tiny    # a tiny stand-in, under 2 minutes (CI runs it)
+    python bench/gpu_check.py                        # one H100/H200: about 12 minutes (estimated, see below)
+    python bench/gpu_check.py --device cpu --tiny    # a tiny stand-in, a few minutes (CI runs it)
 
-It measures, on the 124M preset's shape (config/pretrain_gpt2_124m_1gpu.py, bf16 autocast,
-torch.compile, flash SDPA) through the real training loop (trainer.train) on random tokens:
-  pretrain   tokens/s, MFU and peak memory over --steps steps
-  finetune   the same with finetuning-shaped batches (config/finetune_gpu.py's batch; 12% of
-             positions carry loss, as in the real mixture, so only they go through the output layer)
+It trains the default recipe (RoPE, RMSNorm, SwiGLU, QK-norm, untied head, Muon) at the 124M
+preset's shape (config/pretrain_gpt2_124m_1gpu.py, bf16 autocast, torch.compile, flash SDPA)
+through the real training loop (trainer.train) and measures:
+  pretrain   tokens/s, MFU and peak memory over --steps steps on random tokens
+  finetune   the same with finetuning-shaped batches (config/finetune_gpu.py's batch and optimizer on
+             the pretrained architecture; 12% of positions carry loss, as in the real mixture, so
+             only they go through the output layer)
   generate   batched greedy decoding (GPT.generate) and beam search (generation.batched_beam_search), new
              tokens/s after summarization-sized prompts
-and from those estimates each training and evaluation step's wall time for the gpu and full
-pipeline presets (full: 8 GPUs, assuming linear scaling). Prints a table; writes JSON.
+  recipes    the default recipe against the GPT-2 one (config/gpt2_classic.py on the same preset):
+             --recipe-steps steps each on the same batches of real text (<data-dir>/train.bin), the
+             preset's warmup and cosine decay compressed into those steps, then the loss on the same
+             --recipe-eval-windows windows of val.bin; skipped, with a line saying so, without the data
+and from the speeds estimates each training and evaluation step's wall time for the gpu and full
+pipeline presets (full: 8 GPUs, assuming linear scaling). Prints tables; writes JSON.
+
+The 12 minutes are an estimate, not a timing: it assumes ~300k tokens/s for this 162M-parameter
+model (untied head) on one H100/H200 and ~1 minute to compile each of the four models; the
+training is 26M + 13M + 2 x 39M tokens, about 7 minutes at that rate.
 """
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -28,16 +40,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import run_main, write_json  # noqa: E402
 from config import FinetuneConfig, TrainConfig, parse_config  # noqa: E402
-from data import RandomTokens  # noqa: E402
+from data import RandomTokens, TokenWindows, open_tokens  # noqa: E402
 from generation import batched_beam_search  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import setup_runtime  # noqa: E402
+from scoring import evaluate_owt  # noqa: E402
 from trainer import train  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--batch_size=4",
         "--gradient_accumulation_steps=1"]
 LOSS_FRACTION = 0.12  # share of finetuning positions that carry loss (the README's CPU run: 11.3%)
 # examples the gpu/full presets evaluate (test/dev splits) and their mean new tokens
+PRESET = "config/pretrain_gpt2_124m_1gpu.py"  # the shape (and recipe) every measurement trains
 EVAL_EXAMPLES = {"cnn_dailymail": (11490, 60), "squad": (10570, 6)}
 
 
@@ -47,6 +61,13 @@ def parse_args(argv=None):
     p.add_argument("--tiny", action="store_true", help="a tiny model: proves the paths, measures nothing useful")
     p.add_argument("--steps", type=int, default=None, help="training steps per measurement (default 200; tiny 12)")
     p.add_argument("--compile", default=None, help="true/false (default: true on CUDA)")
+    p.add_argument("--recipe-steps", type=int, default=None,
+                   help="steps per recipe in the side-by-side (default 300; tiny 8)")
+    p.add_argument("--recipe-eval-windows", type=int, default=None,
+                   help="validation windows that score each recipe (default 200; tiny 4)")
+    p.add_argument("--data-dir", default="data/owt",
+                   help="train.bin / val.bin for the side-by-side (default data/owt, as the presets; without them it "
+                        "is skipped)")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "bench", "gpu_check.json"))
     return p.parse_args(argv)
 
@@ -57,28 +78,70 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; only grows
 
 
-def measure_training(cls, preset, args, overrides, loss_fraction=0.0):
-    """Median tokens/s and MFU of the logged rows after the first (which holds compilation)."""
-    steps = args.steps or (12 if args.tiny else 200)
+def random_sources(cfg, loss_fraction):
+    source = RandomTokens(cfg.block_size, cfg.batch_size, cfg.seed, loss_fraction)
+    return source, {"val": source}
+
+
+def text_sources(data_dir):
+    """Windows of real text, as train.py draws them: the same seed gives every recipe the same batches."""
+    def sources(cfg, loss_fraction):
+        train_windows, val_windows = (TokenWindows(os.path.join(data_dir, f"{split}.bin"), cfg.block_size,
+                                                   cfg.batch_size, cfg.seed, split_id=i)
+                                      for i, split in enumerate(("train", "val")))
+        return train_windows, {"val": val_windows}
+    return sources
+
+
+def measure_training(cls, presets, overrides, steps, sources=random_sources, loss_fraction=0.0):
+    """Train a fresh model through the real loop for `steps` steps. Speeds are the medians of the
+    logged rows after the first (which holds compilation); wall_s includes compilation."""
     out = tempfile.mkdtemp(prefix="gpu_check_")
-    cfg = parse_config(cls, [os.path.join(ROOT, preset), *overrides, f"--out_dir={out}", "--overwrite",
+    cfg = parse_config(cls, [*(os.path.join(ROOT, p) for p in presets), *overrides, f"--out_dir={out}", "--overwrite",
                              f"--max_iters={steps}", f"--log_interval={max(1, steps // 6)}", "--eval_iters=1",
-                             f"--eval_interval={10 ** 9}", "--warmup_iters=10"])
+                             f"--eval_interval={10 ** 9}"])
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
+    # each model compiles afresh, as in its own run: every GPT's graphs share one cache, whose recompile
+    # limit (8) could otherwise leave a later model running eager
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(GPTConfig(**cfg.model_fields()))
-    source = RandomTokens(cfg.block_size, cfg.batch_size, cfg.seed, loss_fraction)
+    train_source, eval_sources = sources(cfg, loss_fraction)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     started = time.perf_counter()
-    train(cfg, model, source, {"val": source}, rt, head_fraction=loss_fraction or 1.0)
+    train(cfg, model, train_source, eval_sources, rt, head_fraction=loss_fraction or 1.0)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if r["type"] == "train"][1:]
-    return model, rt, {"tokens_per_step": cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps,
-                       "steps": steps, "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    return model, rt, {"tokens_per_step": tokens_per_step, "steps": steps, "tokens": tokens_per_step * steps,
+                       "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
                        "mfu": statistics.median(r["mfu"] for r in rows), "peak_mem_mib": peak_memory_mib(rt.device),
                        "wall_s": time.perf_counter() - started, "dtype": str(rt.dtype).removeprefix("torch."),
                        "compile": cfg.compile}
+
+
+def compare_recipes(args, overrides):
+    """The default recipe and the GPT-2 one (config/gpt2_classic.py) at the 124M shape: the same steps
+    on the same batches of real text, the schedule compressed to them, then the same validation windows.
+    None (with a line saying why) when the data is not prepared."""
+    if not all(os.path.isfile(os.path.join(args.data_dir, f"{s}.bin")) for s in ("train", "val")):
+        print(f"\nrecipe side-by-side skipped: no train.bin and val.bin in {args.data_dir}; prepare them with "
+              f"python prepare_owt.py --max-tokens 50000000 (writes data/owt), or pass --data-dir", flush=True)
+        return None
+    steps = args.recipe_steps or (8 if args.tiny else 300)
+    windows = args.recipe_eval_windows or (4 if args.tiny else 200)
+    val = open_tokens(os.path.join(args.data_dir, "val.bin"))
+    schedule = [f"--warmup_iters={max(1, steps // 10)}", "--lr_decay_iters=0"]  # down to min_lr at the last step
+    rows = {}
+    for name, recipe in (("default", []), ("classic", ["config/gpt2_classic.py"])):
+        model, rt, row = measure_training(TrainConfig, [PRESET, *recipe], overrides + schedule, steps,
+                                          text_sources(args.data_dir))
+        scores = evaluate_owt(model, val, windows, rt.autocast)["scores"]
+        rows[name] = {**row, "val_loss": scores["loss"], "val_windows": scores["windows"]}
+        del model
+    return {**rows, "difference": rows["default"]["val_loss"] - rows["classic"]["val_loss"],
+            "data_dir": args.data_dir}
 
 
 @torch.no_grad()
@@ -130,9 +193,13 @@ def main(argv=None):
     overrides = [f"--device={args.device}", f"--compile={compile_flag}", "--dtype=auto"] + (TINY if args.tiny else [])
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"gpu_check on {name} (torch {torch.__version__}){' --tiny' if args.tiny else ''}", flush=True)
-    model, rt, pre = measure_training(TrainConfig, "config/pretrain_gpt2_124m_1gpu.py", args, overrides)
-    _, _, ft = measure_training(FinetuneConfig, "config/finetune_gpu.py", args,
-                                overrides + ["--init_from="], LOSS_FRACTION)
+    steps = args.steps or (12 if args.tiny else 200)
+    model, rt, pre = measure_training(TrainConfig, [PRESET], overrides + ["--warmup_iters=10"], steps)
+    # a real finetune takes the pretrained checkpoint's architecture, not FinetuneConfig's defaults
+    architecture = [f"--{k}={v}" for k, v in dataclasses.asdict(model.config).items()]
+    _, _, ft = measure_training(FinetuneConfig, ["config/finetune_gpu.py"],
+                                architecture + overrides + ["--init_from=", "--warmup_iters=10"], steps,
+                                loss_fraction=LOSS_FRACTION)
     gen = measure_generation(model, rt, args.tiny)
     est = estimates(pre, ft, gen)
     print(f"\n{'':10} {'tok/s':>12} {'MFU':>7} {'peak MiB':>9} {'wall s':>7}")
@@ -145,8 +212,17 @@ def main(argv=None):
     for preset, r in est.items():
         print(f"  {preset:5} ({r['gpus']} GPU): pretrain {r['pretrain_h']:.1f}, finetune {r['finetune_h']:.2f}, "
               f"evaluate CNN/DM beam 4 {r['evaluate_cnn_beam4_h']:.2f}, SQuAD greedy {r['evaluate_squad_greedy_h']:.2f}")
+    recipes = compare_recipes(args, overrides)
+    if recipes:
+        d, c = recipes["default"], recipes["classic"]
+        print(f"\nrecipes at this shape: {d['steps']} steps, {d['tokens']:,} tokens each, the same batches; "
+              f"val loss over {d['val_windows']} windows of {args.data_dir}/val.bin")
+        print(f"{'recipe':10} {'val loss':>9} {'tok/s':>12} {'wall s':>7}")
+        for label, r in (("default", d), ("classic", c)):
+            print(f"{label:10} {r['val_loss']:9.4f} {r['tokens_per_s']:12,.0f} {r['wall_s']:7.0f}")
+        print(f"default - classic: {recipes['difference']:+.4f} nats")
     result = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "pretrain": pre, "finetune": ft,
-              "generate": gen, "estimates_h": est}
+              "generate": gen, "estimates_h": est, "recipes": recipes}
     write_json(args.out, result)
     print(f"wrote {os.path.relpath(args.out, ROOT)}")
     return result

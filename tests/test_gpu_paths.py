@@ -3,7 +3,9 @@ placement, the KV cache's dtype under autocast, one host sync per logged step, a
 without graph breaks, bf16 autocast and fp16 with the GradScaler. tests/test_cuda.py runs the
 real thing where CUDA exists."""
 import json
+import math
 import os
+import runpy
 import subprocess
 import sys
 
@@ -118,11 +120,11 @@ def test_compiled_pretraining_and_finetuning_steps():
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager.parameters(), compiled.parameters()))
 
 
-def test_gpu_check_runs_its_tiny_cpu_stand_in(tmp_path):
+def test_gpu_check_runs_its_tiny_cpu_stand_in(tmp_path, corpus):
     out = tmp_path / "gpu_check.json"
     result = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--steps", "6",
-                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             "--data-dir", str(corpus), "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
     for phase in ("pretrain", "finetune"):
@@ -130,3 +132,17 @@ def test_gpu_check_runs_its_tiny_cpu_stand_in(tmp_path):
     assert report["generate"]["greedy_tokens_per_s"] > 0 and report["generate"]["beam4_tokens_per_s"] > 0
     assert report["estimates_h"]["gpu"]["pretrain_h"] > report["estimates_h"]["gpu"]["finetune_h"] > 0
     assert "estimated hours per pipeline step" in result.stdout
+    # the two recipes trained on the same real text for the same tokens, and were scored on the same windows
+    default, classic = report["recipes"]["default"], report["recipes"]["classic"]
+    assert default["tokens"] == classic["tokens"] == default["steps"] * default["tokens_per_step"] > 0
+    assert default["val_windows"] == classic["val_windows"] > 0
+    assert all(math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(50257) for r in (default, classic))
+    assert report["recipes"]["difference"] == pytest.approx(default["val_loss"] - classic["val_loss"])
+    assert "default - classic" in result.stdout
+
+
+def test_gpu_check_skips_the_recipe_side_by_side_without_data(tmp_path, capsys):
+    gpu_check = runpy.run_path(str(ROOT / "bench" / "gpu_check.py"))
+    args = gpu_check["parse_args"](["--device", "cpu", "--tiny", "--data-dir", str(tmp_path / "missing")])
+    assert gpu_check["compare_recipes"](args, []) is None
+    assert "recipe side-by-side skipped" in capsys.readouterr().out
