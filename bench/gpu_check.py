@@ -2,7 +2,7 @@
 and does the default recipe beat the GPT-2 one at the 124M shape too?
 
     python bench/gpu_check.py                        # one H100/H200: about 12 minutes (estimated, see below)
-    python bench/gpu_check.py --device cpu --tiny    # a tiny stand-in, a few minutes (CI runs it)
+    python bench/gpu_check.py --device cpu --tiny    # a tiny stand-in, under 2 minutes (CI runs it)
 
 It trains the default recipe (RoPE, RMSNorm, SwiGLU, QK-norm, untied head, Muon) at the 124M
 preset's shape (config/pretrain_gpt2_124m_1gpu.py, bf16 autocast, torch.compile, flash SDPA)
@@ -50,8 +50,8 @@ from trainer import train  # noqa: E402
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--batch_size=4",
         "--gradient_accumulation_steps=1"]
 LOSS_FRACTION = 0.12  # share of finetuning positions that carry loss (the README's CPU run: 11.3%)
-# examples the gpu/full presets evaluate (test/dev splits) and their mean new tokens
 PRESET = "config/pretrain_gpt2_124m_1gpu.py"  # the shape (and recipe) every measurement trains
+# examples the gpu/full presets evaluate (test/dev splits) and their mean new tokens
 EVAL_EXAMPLES = {"cnn_dailymail": (11490, 60), "squad": (10570, 6)}
 
 
