@@ -5,6 +5,8 @@ Training, evaluation, sampling and the benches all start here, so a device bug i
 import contextlib
 import dataclasses
 import os
+import shutil
+import sys
 import time
 
 import torch
@@ -86,6 +88,32 @@ def setup_runtime(device="auto", dtype="auto", num_threads=0, backend="auto"):
         backend = backend if backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend)
     return Runtime(device, rank, world_size, local_rank, pick_dtype(dtype, device))
+
+
+def compile_blocker(device):
+    """Why torch.compile cannot run here (None if it can). The CPU preset compiles by default, so a
+    laptop without a C++ compiler, or a Mac on MPS (inductor's MPS backend is a prototype), must
+    train eager with a line that says so, not die on the first step."""
+    if device.type == "mps":
+        return "inductor's MPS backend is a prototype"
+    if device.type == "cpu":
+        default = {"darwin": "clang++", "win32": "cl"}.get(sys.platform, "g++")  # inductor's own defaults
+        cxx = os.environ.get("CXX", default)
+        if not shutil.which(cxx):
+            return f"inductor needs a C++ compiler on the CPU and {cxx!r} is not on PATH (install one or set CXX)"
+    return None
+
+
+def maybe_compile(model, wanted, rt):
+    """torch.compile(model) if asked for and possible here; otherwise the model, with one line on why."""
+    if not wanted:
+        return model
+    blocker = compile_blocker(rt.device)
+    if blocker:
+        if rt.master:
+            print(f"compile=true: running eager, {blocker} (--compile=false silences this)", flush=True)
+        return model
+    return torch.compile(model)
 
 
 def peak_flops(device, configured=0.0):

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import gather_rng, load_checkpoint, load_weights, model_record, save_checkpoint, set_rng_state
 from common import UserError
 from data import Prefetcher
-from runtime import peak_flops
+from runtime import maybe_compile, peak_flops
 
 
 def lr_at(it, cfg, base_lr):
@@ -161,7 +161,7 @@ class Run:
         elif cfg.resume and rt.master:
             print(f"no checkpoint at {self.ckpt_path}: starting from scratch")
         self.start_iter = self.iter
-        self.eval_model = torch.compile(model) if cfg.compile else model
+        self.eval_model = maybe_compile(model, cfg.compile, rt)
         self.model = DDP(self.eval_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
                          broadcast_buffers=False) if rt.ddp else self.eval_model  # buffers are constants
         self.first_bad_iter = torch.full((), -1, device=rt.device)  # first step whose loss was not finite

@@ -33,3 +33,6 @@ weight_decay = 0.1
 eval_interval = 100
 eval_iters = 10
 log_interval = 10
+# torch.compile (inductor): 1.23-1.37x the eager speed here at equal loss (README, "torch.compile
+# on the CPU"), for ~1.5 min of compiling once; without a C++ compiler it trains eager and says so
+compile = True

@@ -120,6 +120,20 @@ def test_compiled_pretraining_and_finetuning_steps():
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(eager.parameters(), compiled.parameters()))
 
 
+def test_compile_runs_where_it_can_and_falls_back_to_eager_with_a_line_where_it_cannot(monkeypatch, capsys):
+    """The CPU preset compiles by default: a laptop without a C++ compiler, or a Mac on MPS, trains
+    eager and is told why, instead of dying on the first step."""
+    rt = runtime.Runtime(torch.device("cpu"))
+    model = tiny()
+    assert runtime.maybe_compile(model, False, rt) is model
+    assert isinstance(runtime.maybe_compile(model, True, rt), torch._dynamo.eval_frame.OptimizedModule)
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    assert runtime.maybe_compile(model, True, rt) is model
+    line = capsys.readouterr().out
+    assert "running eager" in line and "no-such-compiler++" in line
+    assert runtime.compile_blocker(torch.device("mps")) and runtime.compile_blocker(torch.device("cuda:0")) is None
+
+
 def test_gpu_check_runs_its_tiny_cpu_stand_in(tmp_path, corpus):
     out = tmp_path / "gpu_check.json"
     result = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--tiny", "--steps", "6",
