@@ -126,7 +126,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if self.qk_norm:  # bounds attention logits, which lets larger learning rates stay stable
-            q, k = F.rms_norm(q, (self.head_dim,)), F.rms_norm(k, (self.head_dim,))
+            # (autocast runs rms_norm in fp32; FlexAttention wants q, k, v in one dtype)
+            q, k = (F.rms_norm(t, (self.head_dim,)).type_as(v) for t in (q, k))
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:

@@ -17,9 +17,11 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def newton_schulz(G, steps=5, eps=1e-7):
-    """Approximately U V^T for G = U S V^T; bfloat16 on CUDA (tensor cores), float32 elsewhere."""
+    """Approximately U V^T for G = U S V^T; bfloat16 on GPUs with native bf16 (tensor cores), float32
+    elsewhere (a V100 or T4 would emulate bf16, slowly)."""
     a, b, c = NS_COEFFS
-    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    native_bf16 = G.is_cuda and torch.cuda.is_bf16_supported(including_emulation=False)
+    X = G.to(torch.bfloat16 if native_bf16 else torch.float32)
     tall = X.size(0) > X.size(1)
     if tall:  # iterate on the wide orientation: X X^T is the smaller Gram matrix
         X = X.T

@@ -92,8 +92,9 @@ def setup_runtime(device="auto", dtype="auto", num_threads=0, backend="auto"):
 
 def compile_blocker(device):
     """Why torch.compile cannot run here (None if it can). The CPU preset compiles by default, so a
-    laptop without a C++ compiler, or a Mac on MPS (inductor's MPS backend is a prototype), must
-    train eager with a line that says so, not die on the first step."""
+    laptop without a C++ compiler (or without Python headers, or a Mac's clang without OpenMP), or a
+    Mac on MPS (inductor's MPS backend is a prototype), must train eager with a line that says so,
+    not die on the first step. A tiny function compiled on the device is the probe."""
     if device.type == "mps":
         return "inductor's MPS backend is a prototype"
     if device.type == "cpu":
@@ -101,6 +102,11 @@ def compile_blocker(device):
         cxx = os.environ.get("CXX", default)
         if not shutil.which(cxx):
             return f"inductor needs a C++ compiler on the CPU and {cxx!r} is not on PATH (install one or set CXX)"
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
+    except Exception as e:  # any failure here means the model would fail too
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        return f"torch.compile failed on a probe ({type(e).__name__}: {first})"
     return None
 
 

@@ -170,6 +170,10 @@ class Run:
     def _restore(self):
         ckpt = load_checkpoint(self.ckpt_path)
         load_weights(self.raw_model, ckpt["model"], self.ckpt_path)
+        saved = ckpt["config"].get("optimizer", "adamw")
+        if saved != self.cfg.optimizer:  # Muon's state would not fit AdamW's, nor the reverse
+            raise UserError(f"{self.ckpt_path} was trained with optimizer={saved}, not {self.cfg.optimizer}; resume "
+                            f"it with --optimizer={saved}, or start a new run (--overwrite or another --out_dir)")
         for opt, state in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         if ckpt["scaler"] and self.scaler.is_enabled():  # a run may resume in another dtype

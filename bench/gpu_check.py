@@ -29,6 +29,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -96,7 +97,7 @@ def text_sources(data_dir):
 def measure_training(cls, presets, overrides, steps, sources=random_sources, loss_fraction=0.0):
     """Train a fresh model through the real loop for `steps` steps. Speeds are the medians of the
     logged rows after the first (which holds compilation); wall_s includes compilation."""
-    out = tempfile.mkdtemp(prefix="gpu_check_")
+    out = tempfile.mkdtemp(prefix="gpu_check_")  # removed below: a 162M run's checkpoints are ~2 GB
     cfg = parse_config(cls, [*(os.path.join(ROOT, p) for p in presets), *overrides, f"--out_dir={out}", "--overwrite",
                              f"--max_iters={steps}", f"--log_interval={max(1, steps // 6)}", "--eval_iters=1",
                              f"--eval_interval={10 ** 9}"])
@@ -113,6 +114,7 @@ def measure_training(cls, presets, overrides, steps, sources=random_sources, los
     train(cfg, model, train_source, eval_sources, rt, head_fraction=loss_fraction or 1.0)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if r["type"] == "train"][1:]
+    shutil.rmtree(out, ignore_errors=True)
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     return model, rt, {"tokens_per_step": tokens_per_step, "steps": steps, "tokens": tokens_per_step * steps,
                        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows),
@@ -212,7 +214,10 @@ def main(argv=None):
     for preset, r in est.items():
         print(f"  {preset:5} ({r['gpus']} GPU): pretrain {r['pretrain_h']:.1f}, finetune {r['finetune_h']:.2f}, "
               f"evaluate CNN/DM beam 4 {r['evaluate_cnn_beam4_h']:.2f}, SQuAD greedy {r['evaluate_squad_greedy_h']:.2f}")
-    recipes = compare_recipes(args, overrides)
+    result = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "pretrain": pre, "finetune": ft,
+              "generate": gen, "estimates_h": est, "recipes": None}
+    write_json(args.out, result)  # the speeds survive a side-by-side that fails or runs out of time
+    result["recipes"] = recipes = compare_recipes(args, overrides)
     if recipes:
         d, c = recipes["default"], recipes["classic"]
         print(f"\nrecipes at this shape: {d['steps']} steps, {d['tokens']:,} tokens each, the same batches; "
@@ -221,8 +226,6 @@ def main(argv=None):
         for label, r in (("default", d), ("classic", c)):
             print(f"{label:10} {r['val_loss']:9.4f} {r['tokens_per_s']:12,.0f} {r['wall_s']:7.0f}")
         print(f"default - classic: {recipes['difference']:+.4f} nats")
-    result = {"device": name, "torch": torch.__version__, "tiny": args.tiny, "pretrain": pre, "finetune": ft,
-              "generate": gen, "estimates_h": est, "recipes": recipes}
     write_json(args.out, result)
     print(f"wrote {os.path.relpath(args.out, ROOT)}")
     return result

@@ -1,5 +1,5 @@
-# Multitask finetuning of GPT-2 small (124M) on one GPU (or torchrun; keep the global
-# gradient_accumulation_steps a multiple of the number of GPUs):
+# Multitask finetuning of the GPT-2-small-shaped model (162M with the untied head) on one GPU
+# (or torchrun; keep the global gradient_accumulation_steps a multiple of the number of GPUs):
 #   python prepare_finetune.py --block-size 1024
 #   python finetune.py config/finetune_gpu.py
 # 16 x 1024 x 4 = 65,536 tokens per step, 3,000 steps = 2 passes over the default mix.

@@ -1,5 +1,6 @@
-# The assignment's full run: GPT-2 small (124M) on 8 GPUs (torchrun) over a 13-15 GB
-# OpenWebText subset (~3.3B tokens), finetuned on all three tasks, evaluated in full.
+# The assignment's full run: GPT-2 small's shape (162M with the untied head) on 8 GPUs
+# (torchrun) over a 13-15 GB OpenWebText subset (~3.3B tokens), finetuned on all three tasks,
+# evaluated in full.
 #   python pipeline.py --preset full
 run = "full"
 owt_name = "owt_14gb"

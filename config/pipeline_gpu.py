@@ -1,5 +1,6 @@
-# One GPU, a few hours: GPT-2 small (124M) on a 1.5B-token OpenWebText subset (streamed from the
-# hub: only the documents needed are downloaded), finetuned at 1024 tokens, evaluated in full.
+# One GPU, a few hours: GPT-2 small's shape (162M, untied head) on a 1.5B-token OpenWebText
+# subset (streamed from the hub: only the documents needed are downloaded), finetuned at 1024
+# tokens, evaluated in full.
 #   python pipeline.py --preset gpu
 run = "gpu"
 owt_name = "owt_1500m"

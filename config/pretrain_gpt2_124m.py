@@ -1,4 +1,4 @@
-# GPT-2 small's shape (124M with a tied head; 162M untied) on 8 GPUs, nanoGPT's batch and schedule:
+# GPT-2 small's shape (124M with a tied head; 162M untied) on 8 GPUs, nanoGPT's batch, schedule:
 #   torchrun --standalone --nproc_per_node=8 train.py config/pretrain_gpt2_124m.py
 # 12 sequences x 1024 tokens x 40 micro-steps (5 per GPU) = 491,520 tokens per step.
 # 8,000 steps = 3.9B tokens, about one pass over a 13-15 GB OpenWebText subset (~3.3B tokens).

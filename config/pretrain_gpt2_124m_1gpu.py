@@ -1,4 +1,5 @@
-# GPT-2 small's shape (124M with a tied head; 162M untied) on one GPU: python train.py config/pretrain_gpt2_124m_1gpu.py
+# GPT-2 small's shape (124M with a tied head; 162M untied) on one GPU:
+#   python train.py config/pretrain_gpt2_124m_1gpu.py
 # 32 x 1024 x 4 = 131,072 tokens per step; 10,000 steps = 1.3B tokens (a few hours on an
 # A100/H100 with bf16 + torch.compile). Lower batch_size if memory runs out; raise
 # gradient_accumulation_steps to keep the tokens per step.

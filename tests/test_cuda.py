@@ -1,9 +1,11 @@
 """On a machine with CUDA (skipped elsewhere): the smoke pipeline on the GPU with bf16 and
 torch.compile, the KV cache against full recomputation, a compiled finetuning step with no host
 sync, batches pinned off the training thread, and with two or more GPUs a 2-process torchrun on
-NCCL. Run it with the GPU check as one script:
+NCCL (on the default recipe, Muon included). Then the GPU check, as a separate call (README,
+"Performance"):
 
-    python -m pytest -q -rs tests/test_cuda.py && python bench/gpu_check.py --steps 60
+    python -m pytest -q -rs tests/test_cuda.py
+    python bench/gpu_check.py --steps 60 --recipe-steps 150 --data-dir data/owt_20m
 """
 import json
 import os
@@ -70,10 +72,16 @@ def test_compiled_finetuning_step_never_waits_for_the_host():
     assert torch.isfinite(loss).item()
 
 
-def test_compiled_step_on_packed_documents_uses_flex_attention():
-    """Finetuning rows pack several examples; each attends only to itself (FlexAttention block mask)."""
-    eager = small()
-    compiled = torch.compile(small())
+RECIPES = {"gpt2": {}, "default": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True,
+                                       tie_embeddings=False, bias=False)}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_compiled_step_on_packed_documents_uses_flex_attention(recipe):
+    """Finetuning rows pack several examples; each attends only to itself (FlexAttention block mask).
+    With QK-norm, q and k leave autocast's fp32 rms_norm in v's dtype, as FlexAttention needs."""
+    eager = small(**RECIPES[recipe])
+    compiled = torch.compile(small(**RECIPES[recipe]))
     x, y = (torch.randint(0, 50257, (2, 256), device=CUDA) for _ in range(2))
     positions = torch.cat([torch.arange(100), torch.arange(156)]).repeat(2, 1).to(CUDA)  # two documents a row
     mask = np.ones((2, 256), dtype=bool)
@@ -96,10 +104,11 @@ def test_batches_are_pinned_on_the_prefetch_thread():
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_torchrun_on_nccl_keeps_two_gpus_in_sync(corpus):
+def test_torchrun_on_nccl_keeps_two_gpus_in_sync(corpus):  # the default recipe, Muon included
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
            f"--data_dir={corpus}", f"--out_dir={corpus}/ddp", "--max_iters=6", "--gradient_accumulation_steps=2",
-           "--device=cuda", "--backend=nccl", "--pos_emb=rope", "--eval_iters=1", "--eval_interval=3"]
+           "--device=cuda", "--backend=nccl", "--pos_emb=rope", "--norm=rmsnorm", "--mlp=swiglu", "--qk_norm=true",
+           "--tie_embeddings=false", "--bias=false", "--optimizer=muon", "--eval_iters=1", "--eval_interval=3"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -131,7 +131,16 @@ def test_compile_runs_where_it_can_and_falls_back_to_eager_with_a_line_where_it_
     assert runtime.maybe_compile(model, True, rt) is model
     line = capsys.readouterr().out
     assert "running eager" in line and "no-such-compiler++" in line
-    assert runtime.compile_blocker(torch.device("mps")) and runtime.compile_blocker(torch.device("cuda:0")) is None
+    monkeypatch.delenv("CXX")
+
+    def broken_compile(fn):  # a compiler that is there but cannot build (no omp.h, no Python.h)
+        def run(*args):
+            raise RuntimeError("fatal error: omp.h: No such file or directory\ncompilation terminated.")
+        return run
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert runtime.maybe_compile(model, True, rt) is model
+    assert "failed on a probe (RuntimeError: fatal error: omp.h" in capsys.readouterr().out
+    assert "prototype" in runtime.compile_blocker(torch.device("mps"))
 
 
 def test_gpu_check_runs_its_tiny_cpu_stand_in(tmp_path, corpus):

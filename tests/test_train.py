@@ -164,6 +164,14 @@ def test_resume_with_a_different_model_shape_is_a_clear_error(corpus):
                            "--resume"])
 
 
+def test_resume_with_another_optimizer_is_a_clear_error(corpus):
+    """The default recipe trains with Muon and config/gpt2_classic.py with AdamW: reusing a folder
+    across the two must say so, not fail deep inside load_state_dict."""
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=2", "--optimizer=muon"])
+    with pytest.raises(UserError, match=r"was trained with optimizer=muon, not adamw; resume it with --optimizer=muon"):
+        train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=4", "--resume"])
+
+
 @pytest.mark.parametrize("optimizer, extra", [
     ("adamw", []),
     # RoPE has a buffer, and one evaluation batch leaves the second process nothing to score:
