@@ -191,6 +191,14 @@ def loss_at_minutes(curve, minutes):
     return None
 
 
+def tokens_to_reach(curve, target):
+    """Tokens at which the evaluation curve first reaches target (linear between evaluations); None if never."""
+    for (n0, _, l0), (n1, _, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return n0 + (n1 - n0) * max(0.0, (l0 - target) / (l0 - l1))
+    return None
+
+
 def summarize(runs):
     """One row per (recipe, optimizer rate, sequences per step): mean and spread over seeds."""
     groups = {}
@@ -230,6 +238,11 @@ def markdown(args, runs, rows):
             if la is not None and lb is not None:
                 out.append(f"Equal wall-clock, seed {a['seed']}: after {t:.0f} min, classic {la:.3f} vs default "
                            f"{lb:.3f} ({lb - la:+.3f}; in-training evaluation, {args.eval_iters} batches).")
+            reached = tokens_to_reach(b["curve"], a["curve"][-1][2])
+            out.append(f"Equal loss, seed {a['seed']}: default reaches classic's final in-training loss "
+                       f"({a['curve'][-1][2]:.3f}) " + ("never" if reached is None else
+                                                         f"after {reached:,.0f} tokens, "
+                                                         f"{reached / a['curve'][-1][0]:.0%} of classic's") + ".")
     return "\n".join(out) + "\n"
 
 

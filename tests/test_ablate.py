@@ -41,12 +41,21 @@ def test_recipes_train_what_they_name_on_equal_tokens_and_are_scored_on_the_same
     assert {(r["recipe"], r["lr"]) for r in rows} == {("classic", 2e-3), ("classic", 4e-3),
                                                        ("default", 0.02), ("default", 0.04)}
     finals = [json.loads((tmp_path / "runs" / name / "eval" / "owt_val_metrics.json").read_text())
-              for name in ("classic_b2_t640_s1", "classic_lr2x_b2_t640_s1", "default_b2_t640_s1", "default_lr2x_b2_t640_s1")]
+              for name in ("classic_b2_t640_s1", "classic_lr2x_b2_t640_s1", "default_b2_t640_s1",
+                           "default_lr2x_b2_t640_s1")]
     assert len({(f["scores"]["windows"], f["scores"]["tokens"]) for f in finals}) == 1  # the same windows
     assert all(0 < f["scores"]["loss"] < math.log(50304) for f in finals)  # better than uniform guessing
     report = (tmp_path / "report" / "ablate.md").read_text()
     assert "| classic | adamw (0.002) | 64 | 1 |" in report and "Equal wall-clock, seed 1" in report
+    assert "Equal loss, seed 1: default reaches classic's final in-training loss" in report
     assert (tmp_path / "report" / "ablate.png").stat().st_size > 1000
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    curve = [(0, 0.0, 10.0), (100, 1.0, 8.0), (200, 2.0, 6.0)]  # (tokens, minutes, loss)
+    assert ablate.tokens_to_reach(curve, 7.0) == 150
+    assert ablate.tokens_to_reach(curve, 5.0) is None
+    assert ablate.loss_at_minutes(curve, 0.5) == 9.0 and ablate.loss_at_minutes(curve, 3.0) is None
 
 
 def test_a_finished_run_is_reused_and_a_changed_command_retrains(corpus, tmp_path):
