@@ -1,4 +1,4 @@
-# A 29M-parameter GPT that learns real English from 2M tokens: 76 minutes on one core of the
+# A 29M-parameter GPT that learns real English from 2M tokens: ~75 minutes on one core of the
 # development machine, eager (bench/ablate.py); compile, below, and a second core are faster.
 # 13M parameters in the token embedding, 13M in the untied head, 3M in the 4 blocks. Blocks of
 # 512 tokens leave room for finetuning prompts (a CNN article's lead, a SQuAD passage).
