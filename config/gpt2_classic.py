@@ -4,7 +4,7 @@
 #     python train.py config/pretrain_cpu.py config/gpt2_classic.py --out_dir=out/cpu_classic/pretrain
 #     python train.py config/pretrain_gpt2_124m_1gpu.py config/gpt2_classic.py \
 #         --out_dir=out/gpu_classic/pretrain
-# At the CPU preset's budget it ends ~0.4 nats above the default recipe (README, "Which recipe").
+# At the CPU preset's budget it ends ~0.5 nats above the default recipe (README, "Which recipe").
 # It sets no out_dir: pass one, or train.py refuses to overwrite the default recipe's run.
 pos_emb = "learned"
 norm = "layernorm"

@@ -77,3 +77,19 @@ def test_a_finished_run_is_reused_and_a_changed_command_retrains(corpus, tmp_pat
 def test_bad_grids_get_one_line_errors(corpus, tmp_path, extra, message):
     with pytest.raises(UserError, match=message):
         ablate.parse_args(tiny(corpus, tmp_path, *extra))
+
+
+def test_the_ablated_recipes_are_the_presets_recipes():
+    """What the ablation measures is what users train: `default` is config/pretrain_cpu.py as shipped and
+    `classic` is the same preset with config/gpt2_classic.py, so neither side drifts from the README's table."""
+    from config import TrainConfig, parse_config
+
+    def settings(*argv):
+        config = parse_config(TrainConfig, ["config/pretrain_cpu.py", *argv])
+        return {k: v for k, v in vars(config).items() if k != "explicit"}
+
+    rates = [f"--learning_rate={ablate.ADAMW_LR}", f"--min_lr={ablate.ADAMW_LR / 10}"]
+    muon = [f"--muon_lr={ablate.MUON_LR}", f"--muon_momentum={ablate.MUON_MOMENTUM}"]
+    assert settings(*rates, *muon, *ablate.RECIPES["default"]) == settings()
+    assert settings(*rates, *ablate.RECIPES["classic"]) == settings("config/gpt2_classic.py")
+    assert ablate.PRESET_TOKENS == settings()["max_iters"] * settings()["batch_size"] * settings()["block_size"]
