@@ -85,11 +85,12 @@ def test_the_ablated_recipes_are_the_presets_recipes():
     from config import TrainConfig, parse_config
 
     def settings(*argv):
-        config = parse_config(TrainConfig, ["config/pretrain_cpu.py", *argv])
+        config = parse_config(TrainConfig, [os.path.join(ROOT, "config", "pretrain_cpu.py"), *argv])
         return {k: v for k, v in vars(config).items() if k != "explicit"}
 
     rates = [f"--learning_rate={ablate.ADAMW_LR}", f"--min_lr={ablate.ADAMW_LR / 10}"]
     muon = [f"--muon_lr={ablate.MUON_LR}", f"--muon_momentum={ablate.MUON_MOMENTUM}"]
     assert settings(*rates, *muon, *ablate.RECIPES["default"]) == settings()
-    assert settings(*rates, *ablate.RECIPES["classic"]) == settings("config/gpt2_classic.py")
-    assert ablate.PRESET_TOKENS == settings()["max_iters"] * settings()["batch_size"] * settings()["block_size"]
+    assert settings(*rates, *ablate.RECIPES["classic"]) == settings(os.path.join(ROOT, "config", "gpt2_classic.py"))
+    preset = settings()
+    assert ablate.PRESET_TOKENS == preset["max_iters"] * preset["batch_size"] * preset["block_size"]
