@@ -20,11 +20,18 @@ from model import GPTConfig
 class TrainConfig(GPTConfig):
     """A run's settings. The model's fields (n_layer, block_size, pos_emb, ...) are GPTConfig's,
     inherited, so a new architecture option is declared once, in model.py; the defaults below
-    make a laptop-sized model."""
+    make a laptop-sized model with the recipe that won bench/ablate.py (README, "Which recipe the
+    presets train"), where GPTConfig's are GPT-2's. config/gpt2_classic.py restores GPT-2's."""
     block_size: int = 256
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 256
+    bias: bool = False
+    pos_emb: str = "rope"
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"
+    qk_norm: bool = True
+    tie_embeddings: bool = False
     # run and data
     out_dir: str = "out/run"  # checkpoints, best model and metrics.jsonl go here
     data_dir: str = "data/owt"  # holds train.bin / val.bin from prepare_owt.py
@@ -36,7 +43,7 @@ class TrainConfig(GPTConfig):
     batch_size: int = 8  # sequences per micro-batch, per process
     gradient_accumulation_steps: int = 1  # micro-batches per step, summed over all processes
     max_iters: int = 1000  # optimizer steps
-    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    optimizer: str = "muon"  # muon (Muon for the hidden matrices, AdamW for the rest) | adamw
     learning_rate: float = 6e-4  # AdamW's peak rate
     min_lr: float = 6e-5  # AdamW's rate at the end of the cosine decay
     warmup_iters: int = 100  # linear warmup steps
@@ -83,6 +90,7 @@ class FinetuneConfig(TrainConfig):
     replay_fraction: float = 0.1  # share of positions and of the loss that is pretraining text (against forgetting)
     task_average: str = "example"  # example: each example weighs the same | token: each target token does
     isolate_examples: bool = True  # each packed example attends only to itself, from position 0
+    optimizer: str = "adamw"  # adamw | muon; AdamW whatever the pretraining used (only weights carry over)
     learning_rate: float = 1e-4
     min_lr: float = 1e-5
     warmup_iters: int = 20

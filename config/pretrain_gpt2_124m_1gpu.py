@@ -9,25 +9,18 @@ block_size = 1024
 n_layer = 12
 n_head = 12
 n_embd = 768
-# The recipe is the CPU ablation's winner (README, "Which recipe"); config/gpt2_classic.py on top
-# gives nanoGPT's GPT-2 recipe with nanoGPT's rates. Rates, from the published 124M evidence:
-# - muon_lr 0.02, momentum 0.95: modded-nanogpt's tuned Muon rate for GPT-2 small at 524,288 tokens
-#   per step (its 10/18/24 record's optimizer comparison: the best of ~20 tries, with Nesterov momentum
-#   0.95 and the same quintic Newton-Schulz as muon.py), and the rate the CPU preset trains with at
-#   2,048 tokens per step. Muon's update has a fixed size whatever the gradient's scale, so it is
-#   kept at 131,072 tokens per step; bench/gpu_check.py's side-by-side is the check.
+# The recipe is TrainConfig's default, the CPU ablation's winner (README, "Which recipe");
+# config/gpt2_classic.py on top gives nanoGPT's GPT-2 recipe with nanoGPT's rates. The rates, from
+# the published 124M evidence (config/pretrain_gpt2_124m.py keeps them, for the same reasons):
+# - muon_lr 0.02, momentum 0.95 (TrainConfig's defaults): modded-nanogpt's tuned Muon rate for GPT-2
+#   small at 524,288 tokens per step (its 10/18/24 record's optimizer comparison: the best of ~20
+#   tries, with Nesterov momentum 0.95 and the same quintic Newton-Schulz as muon.py), and the rate
+#   the CPU preset trains with at 2,048 tokens per step. Muon's update has a fixed size whatever the
+#   gradient's scale, so the rate is kept at our tokens per step; bench/gpu_check.py's side-by-side
+#   is the check.
 # - learning_rate 6e-4 (AdamW; here only the embeddings, the untied head and the norms): nanoGPT's
 #   rate for GPT-2 small. The same comparison's best all-Adam rate was 0.0018, so 6e-4 errs on the
 #   stable side for layers that no published Muon run tunes at our batch; the side-by-side checks it.
-pos_emb = "rope"
-norm = "rmsnorm"
-mlp = "swiglu"
-qk_norm = True
-tie_embeddings = False
-bias = False
-optimizer = "muon"
-muon_lr = 0.02
-muon_momentum = 0.95
 batch_size = 32
 gradient_accumulation_steps = 4
 max_iters = 10000

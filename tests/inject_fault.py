@@ -4,7 +4,7 @@
 
 FAULT is one of (N counts from 1):
     save:N     SIGKILL halfway through writing the N-th ckpt.pt (half its bytes are on disk)
-    step:N     SIGKILL right after the N-th optimizer step (between steps)
+    step:N     SIGKILL right after the N-th training step (between steps)
     encode:N   SIGKILL while tokenizing the N-th document (mid-chunk; use --num-proc 1)
 
 SIGKILL is what the OOM killer or a lost machine does: no handler, no cleanup, no flush.
@@ -53,7 +53,14 @@ def inject(kind, n):
     elif kind == "step":
         tick = after_calls(n, lambda: die())
         from torch.optim.optimizer import register_optimizer_step_post_hook
-        register_optimizer_step_post_hook(lambda opt, args, kw: tick())
+        counted = []  # a step may run several optimizers (Muon + AdamW): count one of them
+
+        def on_step(opt, args, kw):
+            if not counted:
+                counted.append(opt)
+            if opt is counted[0]:
+                tick()
+        register_optimizer_step_post_hook(on_step)
     elif kind == "encode":
         import tiktoken
         real = tiktoken.Encoding.encode_ordinary

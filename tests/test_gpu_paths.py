@@ -88,13 +88,16 @@ def test_training_syncs_with_the_host_only_at_logged_steps(corpus, monkeypatch):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_mixed_precision_training_runs_and_learns(corpus, dtype):
-    """bf16 autocast, and fp16 autocast with the GradScaler, as on GPUs (here on the CPU)."""
-    out = corpus / dtype
-    losses = train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={out}", "--max_iters=20", "--eval_interval=20",
-                                "--learning_rate=1e-2", f"--dtype={dtype}"])
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    """bf16 autocast, and fp16 autocast with the GradScaler, as on GPUs (here on the CPU), with the
+    default recipe (Muon + AdamW): they learn as much as float32 does on the same batches."""
+    def final_val(dtype):
+        return train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus / dtype}", "--max_iters=20",
+                                  "--eval_interval=20", "--learning_rate=1e-2", f"--dtype={dtype}"])["val"]
+    reference, mixed = final_val("float32"), final_val(dtype)
+    ckpt = torch.load(corpus / dtype / "ckpt.pt", weights_only=False)
     assert ckpt["config"]["dtype"] == dtype and ckpt["model"]["wte.weight"].dtype == torch.float32
-    assert np.isfinite(losses["val"]) and losses["val"] < 5.0
+    assert reference < 6.0  # from 10.8: the run learns
+    assert np.isfinite(mixed) and abs(mixed - reference) < 0.05
     if dtype == "float16":
         assert ckpt["scaler"]["scale"] > 0  # the scaler ran and was saved for --resume
 

@@ -44,7 +44,7 @@ def test_presets_and_overrides_are_typed():
 
 
 @pytest.mark.parametrize("preset", ["config/pretrain_cpu.py", "config/pretrain_gpt2_124m_1gpu.py",
-                                    "config/pretrain_gpt2_124m.py"])
+                                    "config/pretrain_gpt2_124m.py", "config/pretrain_smoke.py"])
 def test_every_pretraining_preset_trains_the_ablation_winner_and_gpt2_is_one_overlay_away(preset):
     default = parse_config(TrainConfig, [preset])
     assert (default.pos_emb, default.norm, default.mlp, default.qk_norm, default.tie_embeddings, default.bias,
@@ -157,6 +157,12 @@ def test_interrupted_run_resumes_exactly(corpus):
     assert times == sorted(times)  # training time continues across the resume: curves vs time stay whole
 
 
+@pytest.mark.parametrize("preset", ["config/finetune_cpu.py", "config/finetune_gpu.py", "config/finetune_smoke.py"])
+def test_finetuning_keeps_adamw_whatever_the_pretraining_optimizer(preset):
+    assert parse_config(TrainConfig, []).optimizer == "muon"
+    assert parse_config(FinetuneConfig, [preset]).optimizer == "adamw"
+
+
 def test_resume_with_a_different_model_shape_is_a_clear_error(corpus):
     train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=2"])
     with pytest.raises(UserError, match=r"does not fit the configured model \(shape of .*\); use the same"):
@@ -167,8 +173,8 @@ def test_resume_with_a_different_model_shape_is_a_clear_error(corpus):
 def test_resume_with_another_optimizer_is_a_clear_error(corpus):
     """The default recipe trains with Muon and config/gpt2_classic.py with AdamW: reusing a folder
     across the two must say so, not fail deep inside load_state_dict."""
-    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=2", "--optimizer=muon"])
-    with pytest.raises(UserError, match=r"was trained with optimizer=muon, not adamw; resume it with --optimizer=muon"):
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=2", "--optimizer=adamw"])
+    with pytest.raises(UserError, match=r"was trained with optimizer=adamw, not muon; resume it with --optimizer=adamw"):
         train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=4", "--resume"])
 
 
