@@ -64,7 +64,8 @@ def load_weights(model, state, source):
                   f"{tuple(own[wrong[0]].shape)}" if wrong else
                   f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
         raise UserError(f"{source} does not fit the configured model ({detail}); use the same n_layer, "
-                        f"n_head, n_embd, block_size and architecture options as the run that wrote it")
+                        f"n_head, n_embd, block_size and architecture options as the run that wrote it (a GPT-2-recipe "
+                        f"run: add config/gpt2_classic.py)")
     model.load_state_dict(state)
 
 

@@ -8,18 +8,18 @@ Steps: prepare_owt -> pretrain -> prepare_finetune -> finetune -> evaluate (the 
 -> evaluate_pretrained_<K>shot (the pretrained model with --shots K, for each K of
 pretrained_shots: what pretraining alone gives) -> report. Each is
 the ordinary script with its ordinary config, printed before it runs, so any one can be rerun
-or replaced by hand. A step is skipped when its outputs exist and its command and inputs are
+or replaced by hand. A step is skipped when its outputs exist and its command, inputs and, for
+a training step, resolved settings (its config with every preset and default applied) are
 unchanged since it last finished (a stamp in out/<run>/pipeline/); a step whose stamp is
 missing reruns, and training steps resume from their checkpoint, so an interrupted pipeline
-picks up where it stopped. Deleting an output reruns that step and the steps after it that
-read it.
+picks up where it stopped. A finished training run whose settings changed is moved aside, not
+deleted. Deleting an output reruns that step and the steps after it that read it.
 """
 import argparse
 import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -29,7 +29,7 @@ import tasks
 from common import UserError, run_main, write_json
 from corpus import LOCAL_FLAG_ENV
 from provenance import git_state
-from config import TrainConfig, parse_config
+from config import FinetuneConfig, TrainConfig, parse_config
 
 
 @dataclass
@@ -56,7 +56,8 @@ class Step:
     command: list
     inputs: list  # files whose change makes the step rerun
     outputs: list  # files the step must leave behind
-    resumable_dir: str = ""  # a training run's out_dir: resumed when unfinished, cleared when outdated
+    resumable_dir: str = ""  # a training run's out_dir: resumed when unfinished, moved aside when outdated
+    settings: str = ""  # a training step's resolved config: a changed value reruns it, a preset's comment does not
 
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -82,6 +83,10 @@ def finetune_block_size(cfg):
     return parse_config(TrainConfig, [in_repo(cfg.pretrain_config)] + cfg.pretrain_args.split()).block_size
 
 
+def resolved(config_class, argv):
+    return json.dumps(dataclasses.asdict(parse_config(config_class, argv)), sort_keys=True)
+
+
 def build_steps(cfg, data_root):
     out, owt = os.path.join("out", cfg.run), os.path.join("data", cfg.owt_name)
     block_size = finetune_block_size(cfg)
@@ -98,6 +103,9 @@ def build_steps(cfg, data_root):
     shots = [k.strip() for k in cfg.pretrained_shots.split(",") if k.strip()]
     if not all(k.isdigit() for k in shots):
         raise UserError(f"pretrained_shots={cfg.pretrained_shots!r}: give comma-separated counts like 0,3 (or '')")
+    pretrain_argv = [pre_cfg, f"--data_dir={owt}", f"--out_dir={out}/pretrain", "--resume", *cfg.pretrain_args.split()]
+    finetune_argv = [ft_cfg, f"--init_from={pre_ckpt}", f"--finetune_dir={ft_data}", f"--data_dir={owt}",
+                     f"--out_dir={out}/finetune", "--resume", *cfg.finetune_args.split()]
     pretrained = [Step(f"evaluate_pretrained_{k}shot", python_cmd("evaluate.py", cfg) + [
                   "--task=all", f"--ckpt={pre_ckpt}", f"--shots={k}", f"--out={out}/eval_pretrained_{k}shot"]
                   + eval_cmd, [pre_ckpt, in_repo("tasks.py"), in_repo("fewshot.py")],
@@ -108,17 +116,14 @@ def build_steps(cfg, data_root):
              + (["--source", os.path.join(data_root, "webtext")] if data_root else [])
              + ([f"--max-tokens={cfg.owt_max_tokens}"] if cfg.owt_max_tokens else []) + root,
              [], [f"{owt}/train.bin", f"{owt}/val.bin", f"{owt}/meta.json"]),
-        Step("pretrain", python_cmd("train.py", cfg) + [pre_cfg, f"--data_dir={owt}",
-             f"--out_dir={out}/pretrain", "--resume"] + cfg.pretrain_args.split(),
-             [pre_cfg, f"{owt}/meta.json"], [pre_ckpt], resumable_dir=f"{out}/pretrain"),
+        Step("pretrain", python_cmd("train.py", cfg) + pretrain_argv, [f"{owt}/meta.json"], [pre_ckpt],
+             resumable_dir=f"{out}/pretrain", settings=resolved(TrainConfig, pretrain_argv)),
         Step("prepare_finetune", python_cmd("prepare_finetune.py", cfg) + [
              f"--block-size={block_size}", f"--out-dir={ft_data}"]
              + ([f"--limit={cfg.finetune_limit}"] if cfg.finetune_limit else []) + root,
              [in_repo("tasks.py")], task_meta),
-        Step("finetune", python_cmd("finetune.py", cfg) + [ft_cfg, f"--init_from={pre_ckpt}",
-             f"--finetune_dir={ft_data}", f"--data_dir={owt}", f"--out_dir={out}/finetune", "--resume"]
-             + cfg.finetune_args.split(),
-             [ft_cfg, pre_ckpt] + task_meta, [model_pt], resumable_dir=f"{out}/finetune"),
+        Step("finetune", python_cmd("finetune.py", cfg) + finetune_argv, [pre_ckpt] + task_meta, [model_pt],
+             resumable_dir=f"{out}/finetune", settings=resolved(FinetuneConfig, finetune_argv)),
         Step("evaluate", python_cmd("evaluate.py", cfg) + ["--task=all", f"--ckpt={model_pt}",
              f"--out={out}/eval", f"--owt-bin={owt}/val.bin"] + eval_cmd,
              [model_pt, in_repo("tasks.py"), in_repo("metrics.py")], evals),
@@ -130,7 +135,7 @@ def build_steps(cfg, data_root):
 
 def signature(step):
     """What the step's last successful run depended on: its command and its inputs' states."""
-    parts = [" ".join(step.command)]
+    parts = [" ".join(step.command), step.settings]
     for path in step.inputs:
         st = os.stat(path) if os.path.exists(path) else None
         parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}" if st else f"{path}:missing")
@@ -145,8 +150,13 @@ def run_step(step, stamp_dir, dry_run):
         print(f"[{step.name}] up to date, skipped")
         return stamp["seconds"], True
     if stamp and stamp["signature"] != sig and step.resumable_dir and os.path.isdir(step.resumable_dir):
-        # it finished once with other inputs: its checkpoint belongs to that run, start afresh
-        shutil.rmtree(step.resumable_dir)
+        # it finished once with other settings or inputs: its checkpoint belongs to that run, so the
+        # step starts afresh, and the finished run is kept (it may have cost hours)
+        kept = f"{step.resumable_dir}.outdated-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"[{step.name}] its settings or inputs changed since it finished: starting afresh; the finished "
+              f"run is kept in {kept}", flush=True)
+        if not dry_run:
+            os.replace(step.resumable_dir, kept)
     print(f"[{step.name}] $ " + " ".join(step.command), flush=True)
     if dry_run:
         return 0.0, False

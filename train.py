@@ -4,7 +4,8 @@
     python train.py config/pretrain_gpt2_124m_1gpu.py           # one GPU
     torchrun --standalone --nproc_per_node=8 train.py config/pretrain_gpt2_124m.py
     python train.py config/pretrain_cpu.py --resume             # continue an interrupted run
-    python train.py --init_from=gpt2 --out_dir=out/gpt2_owt      # continue OpenAI's GPT-2 (or a HF folder)
+    python train.py --init_from=gpt2 --optimizer=adamw --out_dir=out/gpt2_owt   # continue OpenAI's GPT-2
+                                                                # (or a HF folder) with AdamW, not Muon
 """
 import os
 import sys

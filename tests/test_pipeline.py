@@ -1,5 +1,6 @@
 """The one command: the smoke preset goes from raw ../shared data to model.pt, scores and a
 report; reruns skip finished steps; a killed pipeline resumes its training step."""
+import dataclasses
 import json
 import os
 import signal
@@ -108,3 +109,48 @@ def test_finetuning_data_takes_the_block_size_of_the_pretraining_config():
     assert block_size() == 512  # config/pretrain_cpu.py's
     assert block_size("--pretrain_args=--block_size=256") == 256
     assert block_size("--finetune_block_size=384") == 384
+
+
+def pretrain_step(pipeline_module, preset):
+    from config import parse_config
+    cfg = parse_config(pipeline_module.PipelineConfig, [str(ROOT / "config" / "pipeline_cpu.py"),
+                                                        f"--pretrain_config={preset}"])
+    return next(s for s in pipeline_module.build_steps(cfg, None) if s.name == "pretrain")
+
+
+def test_a_training_step_reruns_when_its_settings_change_not_when_its_preset_is_touched(tmp_path, monkeypatch):
+    """The stamp holds the resolved config: a comment or a fresh checkout of the preset keeps a
+    finished pretraining; a changed value (in the preset or a default in config.py) does not."""
+    import pipeline as pipeline_module
+    preset = tmp_path / "pretrain.py"
+    text = (ROOT / "config" / "pretrain_cpu.py").read_text()
+    preset.write_text(text)
+    before = pipeline_module.signature(pretrain_step(pipeline_module, preset))
+    preset.write_text("# a new comment\n" + text)
+    os.utime(preset, (0, 0))
+    assert pipeline_module.signature(pretrain_step(pipeline_module, preset)) == before
+    preset.write_text(text + "\nn_layer = 6\n")
+    assert pipeline_module.signature(pretrain_step(pipeline_module, preset)) != before
+    preset.write_text(text)
+
+    @dataclasses.dataclass
+    class NewDefault(pipeline_module.TrainConfig):  # config.py changes a default the preset does not set
+        mlp: str = "gelu"
+    monkeypatch.setattr(pipeline_module, "TrainConfig", NewDefault)
+    assert pipeline_module.signature(pretrain_step(pipeline_module, preset)) != before
+
+
+def test_a_finished_run_whose_settings_changed_is_moved_aside_not_deleted(tmp_path, monkeypatch):
+    import pipeline as pipeline_module
+    monkeypatch.chdir(tmp_path)
+    run_dir, stamps = tmp_path / "pretrain", tmp_path / "stamps"
+    run_dir.mkdir()
+    (run_dir / "ckpt.pt").write_text("hours of training")
+    step = pipeline_module.Step("pretrain", [sys.executable, "-c", "import os; os.makedirs('pretrain'); open('pretrain/ckpt.pt', 'w').write('new')"],
+                                [], [str(run_dir / "ckpt.pt")], resumable_dir=str(run_dir), settings="n_layer=6")
+    stamps.mkdir()
+    (stamps / "pretrain.json").write_text(json.dumps({"signature": "the settings it finished with", "seconds": 1}))
+    pipeline_module.run_step(step, str(stamps), dry_run=False)
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith("pretrain.outdated-")]
+    assert len(kept) == 1 and (kept[0] / "ckpt.pt").read_text() == "hours of training"
+    assert (run_dir / "ckpt.pt").read_text() == "new"

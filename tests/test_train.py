@@ -170,6 +170,14 @@ def test_resume_with_a_different_model_shape_is_a_clear_error(corpus):
                            "--resume"])
 
 
+def test_resuming_a_gpt2_recipe_run_without_its_overlay_names_the_overlay(corpus):
+    """A run started before the default became the ablation's winner, or with the overlay."""
+    train.main(TINY + ["config/gpt2_classic.py", f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=2"])
+    with pytest.raises(UserError, match=r"does not fit the configured model .*add config/gpt2_classic.py"):
+        train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=4", "--resume",
+                           "--optimizer=adamw"])
+
+
 def test_resume_with_another_optimizer_is_a_clear_error(corpus):
     """The default recipe trains with Muon and config/gpt2_classic.py with AdamW: reusing a folder
     across the two must say so, not fail deep inside load_state_dict."""
