@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from common import UserError
 from model import GPTConfig
 
+AUTO = "auto"  # the value of a field that the run decides for itself
+AUTO_FIELDS = {"batch_size"}  # fields that take it besides their own type
+
 
 @dataclass
 class TrainConfig(GPTConfig):
@@ -40,9 +43,12 @@ class TrainConfig(GPTConfig):
     overwrite: bool = False  # replace a run already in out_dir (without it, that is an error)
     seed: int = 1337  # every batch is a function of (seed, step, micro-step)
     # optimization
-    batch_size: int = 8  # sequences per micro-batch, per process
+    batch_size: int = 8  # sequences per micro-batch, per process; auto: the largest that fits the GPU (needs tokens_per_step)
     gradient_accumulation_steps: int = 1  # micro-batches per step, summed over all processes
+    tokens_per_step: int = 0  # tokens per optimizer step, all processes; sets the accumulation (0: batch_size x block_size x gradient_accumulation_steps)
     max_iters: int = 1000  # optimizer steps
+    budget_hours: float = 0.0  # plan max_iters (and so the decay) to end within this many hours, measured before the decay (0: off)
+    max_minutes: float = 0.0  # save a checkpoint and stop before this many minutes of this session; --resume continues (0: off)
     optimizer: str = "muon"  # muon (Muon for the hidden matrices, AdamW for the rest) | adamw
     learning_rate: float = 6e-4  # AdamW's peak rate
     min_lr: float = 6e-5  # AdamW's rate at the end of the cosine decay
@@ -72,11 +78,20 @@ class TrainConfig(GPTConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        for name in ("gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.batch_size != AUTO and self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be at least 1, or auto")
+        if self.batch_size == AUTO and not self.tokens_per_step:
+            raise ValueError("batch_size=auto needs tokens_per_step (the tokens of one optimizer step, all processes "
+                             "together), from which the accumulation follows")
+        if self.tokens_per_step < 0 or self.tokens_per_step % self.block_size:
+            raise ValueError(f"tokens_per_step={self.tokens_per_step} must be a multiple of block_size={self.block_size}")
         if self.max_iters < 0 or self.warmup_iters < 0:
             raise ValueError("max_iters and warmup_iters must be >= 0")
+        if self.max_minutes < 0 or self.budget_hours < 0:
+            raise ValueError("max_minutes and budget_hours must be >= 0 (0: off)")
 
 
 @dataclass
@@ -98,6 +113,8 @@ class FinetuneConfig(TrainConfig):
 
 
 def _parse_value(key, text, kind):
+    if key in AUTO_FIELDS and text.lower() == AUTO:
+        return AUTO
     if kind is bool:
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -108,14 +125,18 @@ def _parse_value(key, text, kind):
     try:
         return kind(text)
     except ValueError:
-        raise UserError(f"--{key} expects {kind.__name__}, got {text!r}") from None
+        expected = f"{kind.__name__} or auto" if key in AUTO_FIELDS else kind.__name__
+        raise UserError(f"--{key} expects {expected}, got {text!r}") from None
 
 
 def _check_type(key, value, kind, origin):
+    if key in AUTO_FIELDS and value == AUTO:
+        return AUTO
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise UserError(f"{origin}: {key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        expected = f"{kind.__name__} or {AUTO!r}" if key in AUTO_FIELDS else kind.__name__
+        raise UserError(f"{origin}: {key} must be {expected}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -137,7 +158,7 @@ def usage(cls):
              "Presets (config/*.py) apply in order, then the --key=value overrides. Keys:"]
     for f in dataclasses.fields(cls):
         kind = f.type if isinstance(f.type, type) else eval(f.type)
-        key = f"--{f.name}={kind.__name__}"
+        key = f"--{f.name}={kind.__name__}" + ("|auto" if f.name in AUTO_FIELDS else "")
         lines.append(f"  {key:<36} default {f.default!r:<20} {meaning.get(f.name, '')}".rstrip())
     return "\n".join(lines)
 

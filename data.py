@@ -176,7 +176,10 @@ class RandomTokens:
         return inputs_and_targets(rows) + loss_positions(mask) + (None,)
 
 
-def loss_positions(weight, bucket=256):
+LOSS_BUCKET = 256  # loss indices are padded to a multiple of this: a compiled model sees few shapes
+
+
+def loss_positions(weight, bucket=LOSS_BUCKET):
     """(flat indices, weights) of a (B, T) array of loss weights (or a boolean mask: every masked
     position weighs 1/count, so the weighted sum is the mean loss). The index is padded
     (position 0, weight 0) to a multiple of `bucket`, so a compiled model sees few distinct shapes."""
@@ -184,11 +187,41 @@ def loss_positions(weight, bucket=256):
     rows = np.flatnonzero(weight)
     if len(rows) == 0:
         raise UserError("a finetuning batch has no target token; check the prepared data")
-    padded = -(-len(rows) // bucket) * bucket
-    index = np.zeros(padded, dtype=np.int64)
-    weights = np.zeros(padded, dtype=np.float32)
-    index[:len(rows)], weights[:len(rows)] = rows, weight[rows] / weight[rows].sum()
-    return torch.from_numpy(index), torch.from_numpy(weights)
+    return _padded(torch.from_numpy(rows), torch.from_numpy(weight[rows] / weight[rows].sum()).float(), bucket)
+
+
+def _padded(index, weights, bucket=LOSS_BUCKET):
+    n = -(-max(len(index), 1) // bucket) * bucket
+    return (torch.cat((index, index.new_zeros(n - len(index)))),
+            torch.cat((weights, weights.new_zeros(n - len(weights)))))
+
+
+def row_range(batch, a, b):
+    """Rows a..b of a batch as a batch of their own, and their share of the batch's loss: a mean loss
+    (pretraining) splits by rows; a weighted one (finetuning) keeps its weights, which sum over the
+    whole batch, and only re-indexes them. (Selecting the loss index syncs with the device.)"""
+    x, y, rows, weights, positions = batch
+    B, T = x.shape
+    cut = (x[a:b], y[a:b], None, None, None if positions is None else positions[a:b])
+    if rows is None:
+        return cut, (b - a) / B
+    keep = (rows >= a * T) & (rows < b * T) & (weights != 0)
+    return cut[:2] + _padded(rows[keep] - a * T, weights[keep]) + cut[4:], 1.0
+
+
+def split_rows(batch, parts):
+    """A batch as `parts` batches of consecutive rows, as even as the rows allow, each with its share
+    of the loss: the shares times the pieces' losses sum to the batch's loss, so a micro-batch too
+    large for memory runs as pieces with the same gradient."""
+    B = batch[0].shape[0]
+    bounds = [round(B * k / parts) for k in range(parts + 1)]
+    return [row_range(batch, a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def loss_token_fraction(source, n=8):
+    """The share of a source's batch positions that carry loss (1.0 without a loss index)."""
+    masks = [loss_mask(source.batch(0, k)) for k in range(n)]
+    return float(torch.cat([m.flatten() for m in masks]).float().mean())
 
 
 def loss_mask(batch):

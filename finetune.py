@@ -21,7 +21,7 @@ import torch
 
 import tasks
 from config import FinetuneConfig, parse_config
-from data import FinetuneMixture, TokenWindows, loss_mask
+from data import FinetuneMixture, TokenWindows, loss_token_fraction
 from checkpoint import pretrained_model
 from runtime import setup_runtime
 from trainer import train
@@ -74,11 +74,6 @@ def open_task_splits(cfg, names, split):
     return splits, block_sizes[names[0]]
 
 
-def loss_token_fraction(source, n=8):
-    masks = [loss_mask(source.batch(0, k)) for k in range(n)]
-    return float(torch.cat([m.flatten() for m in masks]).float().mean())
-
-
 def realised_mix(source, min_examples=2000, max_batches=1000):
     """The examples per task that the run's first batches really hold (drawn exactly as training
     draws them), to set beside the weights, and the share of positions that replay text fills."""
@@ -101,28 +96,34 @@ def main(argv=None):
     (train_splits, data_block_size), (val_splits, _) = (open_task_splits(cfg, names, split)
                                                         for split in ("train", "validation"))
     weights = task_weights(cfg, names, {n: len(s) for n, s in train_splits.items()})
-    replay = None
-    if cfg.replay_fraction > 0:
-        replay = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
-    train_source = FinetuneMixture(train_splits, weights, cfg.block_size, cfg.batch_size, cfg.seed,
-                                   replay=replay, replay_fraction=cfg.replay_fraction, average=cfg.task_average,
-                                   isolate=cfg.isolate_examples)
-    # validation loss per target token: comparable across objectives and with evaluate.py
-    eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, cfg.batch_size, cfg.seed, split_id=1,
-                                       average="token") for n, s in val_splits.items()}
-    loss_fraction, mix = loss_token_fraction(train_source), realised_mix(train_source)
-    if rt.master:
-        total, drawn = sum(weights.values()), sum(mix["examples"].values())
-        print("task mix: " + ", ".join(f"{n} {w / total:.1%}" for n, w in weights.items()) +
-              f"; replay text {cfg.replay_fraction:.0%} of positions and of the loss; "
-              f"{loss_fraction:.1%} of batch tokens carry loss")
-        print(f"realised in the first {mix['batches']} batches: " + ", ".join(
-            f"{n} {c / max(drawn, 1):.1%}" for n, c in mix["examples"].items()) + " of examples")
+
+    def sources(batch_size):  # the trainer settles the micro-batch (batch_size=auto fits it to memory)
+        replay = None
+        if cfg.replay_fraction > 0:
+            replay = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, batch_size, cfg.seed)
+        train_source = FinetuneMixture(train_splits, weights, cfg.block_size, batch_size, cfg.seed,
+                                       replay=replay, replay_fraction=cfg.replay_fraction, average=cfg.task_average,
+                                       isolate=cfg.isolate_examples)
+        # validation loss per target token: comparable across objectives and with evaluate.py
+        eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, batch_size, cfg.seed, split_id=1,
+                                           average="token") for n, s in val_splits.items()}
+        return train_source, eval_sources
+
+    def describe(train_source):
+        mix, total = realised_mix(train_source), sum(weights.values())
+        drawn = sum(mix["examples"].values())
+        lines = ["task mix: " + ", ".join(f"{n} {w / total:.1%}" for n, w in weights.items()) +
+                 f"; replay text {cfg.replay_fraction:.0%} of positions and of the loss; "
+                 f"{loss_token_fraction(train_source):.1%} of batch tokens carry loss",
+                 f"realised in the first {mix['batches']} batches: " + ", ".join(
+                     f"{n} {c / max(drawn, 1):.1%}" for n, c in mix["examples"].items()) + " of examples"]
+        return lines, {"realised_mix": mix}
+    if cfg.replay_fraction > 0:  # missing replay text fails now, before anything is trained
+        TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, 1, cfg.seed)
     # evaluate.py builds its prompts at the data's block size, byte for byte those of finetuning
     extra = {"tasks_version": tasks.TASKS_VERSION, "tasks": names, "init_from": cfg.init_from,
-             "data_block_size": data_block_size, "finetune_dir": cfg.finetune_dir, "realised_mix": mix}
-    train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=extra, best_name="model.pt",
-          head_fraction=loss_fraction)
+             "data_block_size": data_block_size, "finetune_dir": cfg.finetune_dir}
+    train(cfg, model, sources, rt, checkpoint_extra=extra, best_name="model.pt", describe=describe)
     if rt.ddp:
         torch.distributed.destroy_process_group()
 

@@ -6,6 +6,7 @@ memory nor peaks above MARGIN of what the card has free for us. Only CUDA report
 the CPU and MPS a size fits unless an allocation fails.
 """
 import gc
+import sys
 
 import torch
 
@@ -42,6 +43,19 @@ def peak(device):
     return None
 
 
+def peak_mib(device):
+    """Peak memory so far, for the log: allocated on CUDA, else the process's peak resident set (None
+    where the platform does not say)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
 def release(device):
     """Return what failed or finished tries cached to the device, so the next try starts clean."""
     gc.collect()
@@ -49,11 +63,12 @@ def release(device):
         torch.cuda.empty_cache()
 
 
-def largest_that_fits(sizes, attempt, device, margin=MARGIN):
+def largest_that_fits(sizes, attempt, device, margin=MARGIN, agree=None):
     """The largest of `sizes` for which attempt(size) neither runs out of memory nor peaks above the
     budget, by bisection (memory grows with the size), and the tries as [(size, peak bytes or None,
     fitted)]. None if even the smallest does not fit. attempt(size) does the real work at that size;
-    what it returns is ignored."""
+    what it returns is ignored. agree(fitted) -> fitted makes several processes take the same path
+    (e.g. an all-reduce MIN: a size fits only if it fits everywhere)."""
     sizes, tries = sorted(set(sizes)), []
     limit = budget(device, margin)
 
@@ -68,6 +83,8 @@ def largest_that_fits(sizes, attempt, device, margin=MARGIN):
                 raise
             used, ok = None, False
         release(device)
+        if agree is not None:
+            ok = agree(ok)
         tries.append((size, used, ok))
         return ok
 

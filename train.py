@@ -28,10 +28,14 @@ def main(argv=None):
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
     torch.manual_seed(cfg.seed)
     model = pretrained_model(cfg) if cfg.init_from else GPT(GPTConfig(**cfg.model_fields()))
-    train_source = TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, cfg.batch_size, cfg.seed)
-    val_source = TokenWindows(os.path.join(cfg.data_dir, "val.bin"), cfg.block_size, cfg.batch_size, cfg.seed,
-                              split_id=1)
-    losses = train(cfg, model, train_source, {"val": val_source}, rt)
+
+    def sources(batch_size):  # the trainer settles the micro-batch (batch_size=auto fits it to memory)
+        train_windows, val_windows = (TokenWindows(os.path.join(cfg.data_dir, f"{split}.bin"), cfg.block_size,
+                                                   batch_size, cfg.seed, split_id=i)
+                                      for i, split in enumerate(("train", "val")))
+        return train_windows, {"val": val_windows}
+    sources(1)  # missing or broken data fails now, before anything is trained
+    losses = train(cfg, model, sources, rt)
     if rt.ddp:
         torch.distributed.destroy_process_group()
     return losses

@@ -6,23 +6,33 @@ evaluation, a metrics log and atomic checkpoints that resume exactly.
 
 A batch is (x, y, loss_rows, loss_weights, positions): inputs, next-token targets, and for
 finetuning the flat positions that carry loss with their weights and the token positions of the
-packed documents (built by the data loader, so the model never has to look at a mask on the host). The host waits for the device only at logged steps.
+packed documents (built by the data loader, so the model never has to look at a mask on the host).
+The host waits for the device only at logged steps. How a step is batched and how long the run
+may take is plan.py's: the micro-batch (fitted to memory with batch_size=auto), the time budget.
 """
 import contextlib
+import copy
 import json
 import math
 import os
 import signal
+import socket
 import time
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import gather_rng, load_checkpoint, load_weights, model_record, save_checkpoint, set_rng_state
+import memory
+from checkpoint import gather_rng, load_checkpoint, load_weights, model_record, rng_state, save_checkpoint, set_rng_state
 from common import UserError
-from data import Prefetcher
+from data import Prefetcher, loss_token_fraction, row_range, split_rows, to_device
+from plan import (BatchPlan, TimeBudget, budget_line, divisors, figures_line, initial_plan, probe_line,
+                  sequences_per_process, start_figures)
 from runtime import maybe_compile, peak_flops
+
+clock = time.perf_counter  # every duration the loop plans with (tests run it faster)
+STOPPED_BY_SIGNAL, STOPPED_FOR_TIME = 130, 75  # exit statuses of a run that stopped early with a checkpoint
 
 
 def lr_at(it, cfg, base_lr):
@@ -61,12 +71,18 @@ def build_optimizers(model, cfg, device):
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to checkpoint and exit at the next logged step."""
+    """SIGINT, SIGTERM and SIGUSR1 (what SLURM's --signal sends before a job's time is up) ask the loop
+    to checkpoint and exit at the next logged step; so does the --max_minutes deadline (time_up).
+    The previous handlers come back when the run ends."""
+    SIGNALS = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None]
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.requested, self.time_up, self.reason = False, False, None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.requested:  # a second Ctrl-C means now
@@ -76,12 +92,14 @@ class StopFlag:
 
     def agreed(self, rt):
         """All ranks must stop at the same step, or DDP would hang. Called at logged steps only,
-        where the loop syncs anyway."""
-        if not rt.ddp:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        where the loop syncs anyway. Sets reason: "signal" or "time"."""
+        code = 2 if self.requested else 1 if self.time_up else 0
+        if rt.ddp:
+            flag = torch.tensor([float(code)], device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        self.reason = {0: None, 1: "time", 2: "signal"}[code]
+        return code > 0
 
 
 class MetricsLog:
@@ -138,15 +156,58 @@ def check_out_dir(cfg, names=("ckpt.pt", "metrics.jsonl")):
                         f"--overwrite to replace it, or choose another --out_dir")
 
 
-class Run:
-    """The state of one training run: model, optimizers, scaler, iteration, best validation score."""
+def seed_process(seed, rank):
+    """Each process its own dropout (and CUDA) random stream, drawn after the model was built the same
+    on every process: one seed everywhere would drop the same units on every GPU."""
+    torch.manual_seed(seed + rank)
 
-    def __init__(self, cfg, model, rt, checkpoint_extra, best_name, selection):
-        self.micro_steps, rest = divmod(cfg.gradient_accumulation_steps, rt.world_size)
-        if rest or not self.micro_steps:
-            raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a multiple "
-                            f"of the number of processes ({rt.world_size})")
-        self.cfg, self.rt, self.raw_model = cfg, rt, model.to(rt.device)
+
+def wrap_for_training(model, rt, compile_wanted):
+    """(the module the loop trains through, the one it evaluates with). Under DDP the compiled module
+    wraps DDP, not the reverse: dynamo then splits the graph at DDP's gradient buckets, so each bucket's
+    all-reduce runs while the backward pass goes on (DDP around a compiled model sees every gradient
+    only at the end). Evaluation runs outside DDP: a process with no batch to score joins no collective."""
+    if not rt.ddp:
+        model = maybe_compile(model, compile_wanted, rt)
+        return model, model
+    ddp = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
+              broadcast_buffers=False,  # the buffers (RoPE's frequencies) are constants
+              gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no second copy
+    trained = maybe_compile(ddp, compile_wanted, rt)
+    return trained, (torch.compile(model) if trained is not ddp else model)
+
+
+@contextlib.contextmanager
+def local_optimizer_steps(optimizers):
+    """Optimizer steps that join no collective (Muon shares its work out across processes): a memory
+    probe on one process may fail while another's succeeds, and must not leave it waiting."""
+    sharded = [opt for opt in optimizers if getattr(opt, "sharded", False)]
+    for opt in sharded:
+        opt.sharded = False
+    try:
+        yield
+    finally:
+        for opt in sharded:
+            opt.sharded = True
+
+
+def cpu_copy(obj):
+    """A copy of a (nested) state with its tensors on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class Run:
+    """The state of one training run: model, optimizers, scaler, batch plan, iteration, best validation
+    score, and the time budget its evaluations and checkpoint writes are timed into."""
+
+    def __init__(self, cfg, model, rt, checkpoint_extra, best_name, selection, budget):
+        self.cfg, self.rt, self.raw_model, self.budget = cfg, rt, model.to(rt.device), budget
         self.extra, self.best_name, self.selection = checkpoint_extra or {}, best_name, selection
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.optimizers = build_optimizers(model, cfg, rt.device)
@@ -154,21 +215,61 @@ class Run:
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-        self.iter, self.best_val = 0, float("inf")
-        self.restored = cfg.resume and os.path.exists(self.ckpt_path)
+        self.iter, self.best_val, self.saved_plan, self.time_plan = 0, float("inf"), None, None
+        self.plan, self.micro_steps, self.syncing = None, 0, False
+        ckpt = self._checkpoint_to_resume()
+        self.restored = ckpt is not None
         if self.restored:
-            self._restore()
-        elif cfg.resume and rt.master:
-            print(f"no checkpoint at {self.ckpt_path}: starting from scratch")
+            self._restore(ckpt)
+        else:
+            if cfg.resume and rt.master:
+                print(f"no checkpoint at {self.ckpt_path}: starting from scratch")
+            seed_process(cfg.seed, rt.rank)
+        del ckpt
         self.start_iter = self.iter
-        self.eval_model = maybe_compile(model, cfg.compile, rt)
-        self.model = DDP(self.eval_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-                         broadcast_buffers=False) if rt.ddp else self.eval_model  # buffers are constants
+        self.model, self.eval_model = wrap_for_training(model, rt, cfg.compile)
         self.first_bad_iter = torch.full((), -1, device=rt.device)  # first step whose loss was not finite
         self.first_inputs = None  # for record_ranks
 
-    def _restore(self):
-        ckpt = load_checkpoint(self.ckpt_path)
+    def _checkpoint_to_resume(self):
+        """The checkpoint to resume, or None. Rank 0 decides, and from which iteration; every rank must then
+        read that same checkpoint. Without storage that every node shares only rank 0's node has it: a rank
+        that cannot read it is one clear error on every rank, not a hang."""
+        rt, ckpt, decision, error = self.rt, None, None, None
+        if rt.master and self.cfg.resume and os.path.exists(self.ckpt_path):
+            try:
+                ckpt = load_checkpoint(self.ckpt_path)
+                decision = (ckpt["iter_num"], ckpt.get("weights_sha256"))
+            except UserError as e:
+                error = str(e)
+        if not rt.ddp:
+            if error:
+                raise UserError(error)
+            return ckpt
+        shared = [decision, error]
+        dist.broadcast_object_list(shared, src=0)
+        decision, error = shared
+        if error:
+            raise UserError(error)
+        problem = None
+        if decision and not rt.master:
+            try:
+                ckpt = load_checkpoint(self.ckpt_path)
+                if (ckpt["iter_num"], ckpt.get("weights_sha256")) != decision:
+                    problem = f"its {self.ckpt_path} is another one (iteration {ckpt['iter_num']})"
+            except UserError as e:
+                problem = str(e)
+        views = [None] * rt.world_size
+        dist.all_gather_object(views, (rt.rank, socket.gethostname(), problem))
+        bad = [v for v in views if v[2]]
+        if bad:
+            rank, host, problem = bad[0]
+            raise UserError(f"rank 0 resumes {self.ckpt_path} at iteration {decision[0]}, but rank {rank} on {host} "
+                            f"cannot ({problem}; {len(bad)} rank(s) in all): put out_dir on storage that every node "
+                            f"shares, or copy ckpt.pt to the same path on every node, then rerun with --resume")
+        return ckpt
+
+    def _restore(self, ckpt):
         load_weights(self.raw_model, ckpt["model"], self.ckpt_path)
         saved = ckpt["config"].get("optimizer", "adamw")
         if saved != self.cfg.optimizer:  # Muon's state would not fit AdamW's, nor the reverse
@@ -179,27 +280,95 @@ class Run:
         if ckpt["scaler"] and self.scaler.is_enabled():  # a run may resume in another dtype
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        self.saved_plan, self.time_plan = ckpt.get("batch_plan"), ckpt.get("time_plan")
+        if self.time_plan and self.cfg.budget_hours:  # the budget was planned once: a resumed run keeps it
+            self.cfg.max_iters = self.time_plan["max_iters"]
         rng = ckpt["rng"]
         set_rng_state(rng[self.rt.rank] if self.rt.rank < len(rng) else rng[0], self.rt.device)
         if self.rt.master:
             print(f"resuming from {self.ckpt_path} at iteration {self.iter}")
 
+    # ---- the batch plan ----------------------------------------------------------------------
+
+    def decide_batches(self, make_sources):
+        """The micro-batch and accumulation: from the config, from the checkpoint being resumed, or
+        fitted to memory (batch_size=auto). Written back into cfg, so that the sources, the figures
+        and the saved config hold the numbers that run."""
+        plan = initial_plan(self.cfg, self.rt.world_size, self.saved_plan) or self.fit_to_memory(make_sources)
+        self.plan, self.micro_steps = plan, plan.accumulation // self.rt.world_size
+        self.cfg.batch_size, self.cfg.gradient_accumulation_steps = plan.micro_batch, plan.accumulation
+
+    def fit_to_memory(self, make_sources):
+        """batch_size=auto: micro-batches of the first batch's rows, tried for real (forward, backward
+        and optimizer step; eager, as a compiled probe would recompile for every size), and the largest
+        that fits on every process (memory.largest_that_fits). Weights, optimizer, scaler and random
+        states are put back afterwards: the run goes on exactly as if started with that micro-batch."""
+        cfg, rt = self.cfg, self.rt
+        sequences = sequences_per_process(cfg, rt.world_size)
+        batch = to_device(make_sources(sequences)[0].batch(0, 0), rt.device)
+        before = cpu_copy({"model": self.raw_model.state_dict(), "scaler": self.scaler.state_dict(),
+                           "optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(rt.device)})
+
+        def attempt(size):
+            (x, y, rows, weights, positions), _ = row_range(batch, 0, size)
+            try:
+                with rt.autocast():
+                    _, loss = self.raw_model(x, targets=y, loss_rows=rows, loss_weights=weights, positions=positions)
+                self.scaler.scale(loss).backward()
+                with local_optimizer_steps(self.optimizers):
+                    for opt in self.optimizers:
+                        opt.step()
+            finally:
+                for opt in self.optimizers:
+                    opt.zero_grad(set_to_none=True)
+
+        def agree(fitted):  # a size fits only if it fits on every process
+            flag = torch.tensor([float(fitted)], device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            return bool(flag.item())
+        best, tries = memory.largest_that_fits(divisors(sequences), attempt, rt.device, agree=agree if rt.ddp else None)
+        self.raw_model.load_state_dict(before["model"])
+        for opt, state in zip(self.optimizers, before["optimizers"]):
+            opt.load_state_dict(state)
+        self.scaler.load_state_dict(before["scaler"])
+        set_rng_state(before["rng"], rt.device)
+        memory.release(rt.device)
+        if best is None:
+            raise UserError(f"batch_size=auto: not even one sequence of {cfg.block_size} tokens fits in the memory of "
+                            f"{rt.device} with this model and dtype; lower block_size or the model's size")
+        plan = BatchPlan(best, sequences // best * rt.world_size, chosen_by="memory probe",
+                         tries=[[size, None if used is None else round(used / 2 ** 20), ok] for size, used, ok in tries])
+        if rt.master:
+            print(probe_line(plan, cfg.block_size, rt.world_size), flush=True)
+        return plan
+
     def batch_keys(self):
-        """Each process takes its own slice of the micro-steps, so together they draw every batch once."""
-        first = self.rt.rank * self.micro_steps
-        return ((it, first + k) for it in range(self.iter, self.cfg.max_iters) for k in range(self.micro_steps))
+        """Each process takes its own slice of the micro-steps, so together they draw every batch once.
+        max_iters is read as the keys are drawn: --budget_hours sets it after the first steps."""
+        first, it = self.rt.rank * self.micro_steps, self.iter
+        while it < self.cfg.max_iters:
+            for k in range(self.micro_steps):
+                yield it, first + k
+            it += 1
+
+    # ---- checkpoints and evaluation ------------------------------------------------------------
 
     def save(self):
+        started = clock()
         rng = gather_rng(self.rt)  # collective: every process calls save
         if self.rt.master:
             save_checkpoint({**model_record(self.raw_model, self.cfg, **self.extra),
                              "optimizers": [opt.state_dict() for opt in self.optimizers],
                              "scaler": self.scaler.state_dict(), "iter_num": self.iter,
-                             "best_val_loss": self.best_val, "rng": rng}, self.ckpt_path)
+                             "best_val_loss": self.best_val, "rng": rng,
+                             "batch_plan": vars(self.plan), "time_plan": self.time_plan}, self.ckpt_path)
+        self.budget.timed("save", clock() - started)
 
     def evaluate(self, eval_sources, log):
         self.check_finite()  # never save weights that a non-finite step has spoiled
+        started = clock()
         losses = estimate_losses(self.eval_model, eval_sources, self.cfg.eval_iters, self.rt)
+        self.budget.timed("eval", clock() - started)
         score = self.selection(losses)
         if self.rt.master:
             print(f"iter {self.iter}: val {score:.4f} (" + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
@@ -214,20 +383,25 @@ class Run:
         self.save()
         return losses
 
+    # ---- one optimizer step --------------------------------------------------------------------
+
     def step(self, batches):
-        """One optimizer step over micro_steps micro-batches; returns the last micro-batch's loss
-        (a device tensor: reading it is a host sync)."""
+        """One optimizer step over this process's micro-batches; returns the last micro-batch's loss
+        (a device tensor: reading it is a host sync). A step that runs out of memory is run again with
+        each micro-batch in more pieces: the same sequences, the same gradient, no step lost."""
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr_at(self.iter, self.cfg, group["initial_lr"])
-        for k in range(self.micro_steps):
-            x, y, rows, weights, positions = batches.next()
-            self.first_inputs = x if self.first_inputs is None else self.first_inputs
-            last = k == self.micro_steps - 1
-            with contextlib.nullcontext() if not self.rt.ddp or last else self.model.no_sync():
-                with self.rt.autocast():
-                    _, loss = self.model(x, targets=y, loss_rows=rows, loss_weights=weights, positions=positions)
-                self.scaler.scale(loss / self.micro_steps).backward()
+        micro = [batches.next() for _ in range(self.micro_steps)]  # kept until the step is done
+        self.first_inputs = micro[0][0] if self.first_inputs is None else self.first_inputs
+        while True:
+            try:
+                loss = self._accumulate(micro)
+                break
+            except Exception as e:  # only running out of memory is retried
+                if not memory.is_out_of_memory(e):
+                    raise
+            self._more_pieces()  # outside the except block, so the failed pass's tensors can be freed
         if self.cfg.grad_clip:
             for opt in self.optimizers:
                 self.scaler.unscale_(opt)
@@ -242,6 +416,45 @@ class Run:
         self.first_bad_iter = torch.where(bad, self.iter, self.first_bad_iter)  # on the device: no sync
         return loss
 
+    def _accumulate(self, micro):
+        """Forward and backward of every micro-batch (in plan.pieces pieces each); under DDP only the
+        last backward all-reduces. Returns the last micro-batch's loss."""
+        last, total = len(micro) - 1, None
+        for k, batch in enumerate(micro):
+            pieces = split_rows(batch, self.plan.pieces) if self.plan.pieces > 1 else [(batch, 1.0)]
+            for j, ((x, y, rows, weights, positions), share) in enumerate(pieces):
+                self.syncing = k == last and j == len(pieces) - 1
+                with contextlib.nullcontext() if not self.rt.ddp or self.syncing else self.model.no_sync():
+                    with self.rt.autocast():
+                        _, loss = self.model(x, targets=y, loss_rows=rows, loss_weights=weights, positions=positions)
+                    if share != 1.0:
+                        loss = loss * share
+                    self.scaler.scale(loss / self.micro_steps).backward()
+                if k == last:
+                    total = loss if total is None else total + loss
+        return total
+
+    def _more_pieces(self):
+        """After running out of memory: drop the partial gradients and run each micro-batch in twice the
+        pieces. Under DDP a process can do so alone only before its all-reducing backward."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        memory.release(self.rt.device)
+        size, pieces = self.plan.micro_batch, self.plan.pieces
+        if self.rt.ddp and self.syncing:
+            smaller = max(d for d in divisors(sequences_per_process(self.cfg, self.rt.world_size)) if d < size) \
+                if size > 1 else 1
+            raise UserError(f"out of memory at step {self.iter + 1} in the backward pass that all-reduces the "
+                            f"gradients, which one process cannot rerun alone; rerun with --resume "
+                            f"--batch_size={smaller}")
+        if pieces >= size:
+            raise UserError(f"out of memory at step {self.iter + 1} even with one sequence at a time; lower "
+                            f"block_size or the model's size, or free the GPU's memory")
+        self.plan.pieces = min(size, 2 * pieces)
+        who = f"rank {self.rt.rank}: " if self.rt.ddp else ""
+        print(f"{who}out of memory at step {self.iter + 1}: each micro-batch of {size} sequences now runs as "
+              f"{self.plan.pieces} pieces; the step is run again, nothing is lost", flush=True)
+
     def check_finite(self):
         """A non-finite loss stops the run before anything is saved: the last checkpoint stays good."""
         bad = self.first_bad_iter.clone()
@@ -251,9 +464,26 @@ class Run:
             raise UserError(f"loss became nan or inf at iteration {int(bad.item())}; {self.ckpt_path} is the "
                             f"last good state: lower learning_rate (or use dtype=bfloat16) and --resume")
 
+    def sync(self):
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+
+    def plan_time(self, log):
+        """--budget_hours: once the step time is measured, max_iters (the same on every process)."""
+        planned = self.budget.plan_steps(self.iter, self.sync)
+        if self.rt.ddp:
+            shared = [planned]
+            dist.broadcast_object_list(shared, src=0)
+            planned = shared[0]
+        if planned:
+            self.time_plan, self.cfg.max_iters = planned, planned["max_iters"]
+            if self.rt.master:
+                print(budget_line(planned), flush=True)
+                log.write(type="plan", iter=self.iter, time=log.elapsed(), **planned)
+
 
 class Throughput:
-    """Rate, MFU and ETA between logged steps."""
+    """Rate, MFU, ETA and peak memory between logged steps."""
 
     def __init__(self, cfg, model, rt, head_fraction, start_iter):
         self.tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
@@ -262,61 +492,91 @@ class Throughput:
         self.flops_per_iter = (model.flops_per_token(cfg.block_size) - (1 - head_fraction) * head_flops) \
             * self.tokens_per_iter
         self.peak = peak_flops(rt.device, cfg.peak_flops) * rt.world_size
-        self.t_last, self.last_iter = time.perf_counter(), start_iter
+        self.device = rt.device
+        self.t_last, self.last_iter = clock(), start_iter
 
     def measure(self, it, max_iters):
-        now = time.perf_counter()
+        now = clock()
         dt = (now - self.t_last) / max(1, it - self.last_iter)
         self.t_last, self.last_iter = now, it
         return {"ms_per_iter": dt * 1000, "tokens_per_s": self.tokens_per_iter / dt,
-                "mfu": self.flops_per_iter / dt / self.peak if self.peak else 0.0, "eta_s": (max_iters - it) * dt}
+                "mfu": self.flops_per_iter / dt / self.peak if self.peak else 0.0, "eta_s": (max_iters - it) * dt,
+                "peak_mem_mib": memory.peak_mib(self.device)}
 
 
-def train(cfg, model, train_source, eval_sources, rt, checkpoint_extra=None, best_name="best.pt",
-          selection=lambda losses: sum(losses.values()) / len(losses), head_fraction=1.0):
-    """Run cfg.max_iters optimizer steps. eval_sources: name -> batch source; the selection of
-    their losses picks the best checkpoint. Returns the final evaluation losses."""
+def log_line(it, max_iters, loss, lr, s):
+    finish = time.strftime("%H:%M", time.localtime(time.time() + s["eta_s"]))
+    peak = f", peak {s['peak_mem_mib'] / 1024:.1f} GiB" if s["peak_mem_mib"] else ""
+    return (f"iter {it}/{max_iters}: loss {loss:.4f}, lr {lr:.2e}, {s['ms_per_iter']:.0f} ms/iter, "
+            f"{s['tokens_per_s']:,.0f} tok/s, mfu {s['mfu'] * 100:.1f}%{peak}, eta {s['eta_s'] / 60:.1f} min "
+            f"({finish})")
+
+
+def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.pt",
+          selection=lambda losses: sum(losses.values()) / len(losses), describe=None):
+    """Run cfg.max_iters optimizer steps. make_sources(batch_size) -> (train source, {name: eval
+    source}) for the micro-batch the plan settles on; describe(train source) -> (lines to print,
+    fields for the checkpoints), e.g. finetuning's task mix. The selection of the evaluation losses
+    picks the best checkpoint. Returns the final evaluation losses."""
     check_out_dir(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    run = Run(cfg, model, rt, checkpoint_extra, best_name, selection)
+    budget = TimeBudget(cfg, clock)  # --max_minutes counts from here
+    if budget.decide_at:  # until the budget sets it, train at least as far as the measurement
+        cfg.max_iters = max(cfg.max_iters, budget.decide_at)
+    run = Run(cfg, model, rt, checkpoint_extra, best_name, selection, budget)
+    if run.time_plan:
+        budget.decide_at = 0
     if run.iter >= cfg.max_iters:
         if rt.master:
             print(f"{run.ckpt_path} is already at iteration {run.iter} of {cfg.max_iters}: nothing to do")
         return {}
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), run.iter if cfg.resume else None) if rt.master else None
-    speed = Throughput(cfg, run.raw_model, rt, head_fraction, run.iter)
-    if rt.master:
-        print(f"{run.raw_model.num_params() / 1e6:.2f}M parameters, {speed.tokens_per_iter:,} tokens per step, "
-              f"{rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}")
-    batches, stop, losses = Prefetcher(train_source, rt.device, run.batch_keys()), StopFlag(), {}
-
-    while run.iter < cfg.max_iters:
-        if run.iter % cfg.eval_interval == 0 and (run.iter > run.start_iter or not run.restored):  # a checkpoint
-            # was written by the evaluation of its own step: a resumed run does not repeat it
-            losses = run.evaluate(eval_sources, log)
-        loss = run.step(batches)
-        if run.iter % cfg.log_interval and run.iter != cfg.max_iters:
-            continue
-        loss_value = loss.item()  # the only host sync of a logged step, with the two below
-        run.check_finite()
+    run.decide_batches(make_sources)
+    train_source, eval_sources = make_sources(run.plan.micro_batch)
+    if describe:
+        lines, fields = describe(train_source)
+        run.extra.update(fields)
         if rt.master:
+            print("\n".join(lines))
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), run.iter if cfg.resume else None) if rt.master else None
+    speed = Throughput(cfg, run.raw_model, rt, loss_token_fraction(train_source), run.iter)
+    figures = start_figures(run.raw_model, run.optimizers, cfg, run.plan, speed.flops_per_iter, rt.world_size)
+    if rt.master:
+        print(f"{rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}")
+        print(figures_line(figures), flush=True)
+        log.write(type="plan", iter=run.iter, time=log.elapsed(), **figures, batch_tries=run.plan.tries)
+    batches, stop, losses = Prefetcher(train_source, rt.device, run.batch_keys()), StopFlag(), {}
+    try:
+        while run.iter < cfg.max_iters:
+            if run.iter % cfg.eval_interval == 0 and (run.iter > run.start_iter or not run.restored):  # a checkpoint
+                # was written by the evaluation of its own step: a resumed run does not repeat it
+                losses = run.evaluate(eval_sources, log)
+            loss = run.step(batches)
+            if budget.decide_at:
+                run.plan_time(log)
+            if run.iter % cfg.log_interval and run.iter != cfg.max_iters:
+                continue
+            loss_value = loss.item()  # the only host sync of a logged step, with the two below
+            run.check_finite()
             s = speed.measure(run.iter, cfg.max_iters)
-            lr = run.optimizers[-1].param_groups[0]["lr"]
-            print(f"iter {run.iter}/{cfg.max_iters}: loss {loss_value:.4f}, lr {lr:.2e}, {s['ms_per_iter']:.0f} "
-                  f"ms/iter, {s['tokens_per_s']:,.0f} tok/s, mfu {s['mfu'] * 100:.1f}%, eta {s['eta_s'] / 60:.1f} min",
-                  flush=True)
-            log.write(type="train", iter=run.iter, time=log.elapsed(), loss=loss_value, lr=lr,
-                      ms_per_iter=s["ms_per_iter"], tokens_per_s=s["tokens_per_s"], mfu=s["mfu"])
-        if stop.agreed(rt):
-            if run.iter % cfg.eval_interval == 0:  # the evaluation due now would be skipped on resume
-                run.evaluate(eval_sources, log)
-            else:
-                run.save()
             if rt.master:
-                print(f"stopped at iteration {run.iter}; rerun with --resume to continue")
-            raise SystemExit(130)
-    if run.iter > run.start_iter or not losses:  # the last step's evaluation and checkpoint
-        losses = run.evaluate(eval_sources, log)
+                lr = run.optimizers[-1].param_groups[0]["lr"]
+                print(log_line(run.iter, cfg.max_iters, loss_value, lr, s), flush=True)
+                log.write(type="train", iter=run.iter, time=log.elapsed(), loss=loss_value, lr=lr, **s)
+            stop.time_up = budget.should_stop(run.iter, s["ms_per_iter"] / 1000)
+            if stop.agreed(rt):
+                if run.iter % cfg.eval_interval == 0:  # the evaluation due now would be skipped on resume
+                    run.evaluate(eval_sources, log)
+                else:
+                    run.save()
+                if rt.master:
+                    why = (f"--max_minutes={cfg.max_minutes:g} is near" if stop.reason == "time" else "asked to stop")
+                    print(f"stopped at iteration {run.iter} of {cfg.max_iters} with a checkpoint ({why}); rerun "
+                          f"with --resume to continue", flush=True)
+                raise SystemExit(STOPPED_FOR_TIME if stop.reason == "time" else STOPPED_BY_SIGNAL)
+        if run.iter > run.start_iter or not losses:  # the last step's evaluation and checkpoint
+            losses = run.evaluate(eval_sources, log)
+    finally:
+        stop.close()
     if rt.ddp:
         record_ranks(run.raw_model, run.first_inputs, rt, log)
     return losses

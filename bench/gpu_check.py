@@ -79,16 +79,16 @@ def peak_memory_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; only grows
 
 
-def random_sources(cfg, loss_fraction):
-    source = RandomTokens(cfg.block_size, cfg.batch_size, cfg.seed, loss_fraction)
+def random_sources(cfg, batch_size, loss_fraction):
+    source = RandomTokens(cfg.block_size, batch_size, cfg.seed, loss_fraction)
     return source, {"val": source}
 
 
 def text_sources(data_dir):
     """Windows of real text, as train.py draws them: the same seed gives every recipe the same batches."""
-    def sources(cfg, loss_fraction):
+    def sources(cfg, batch_size, loss_fraction):
         train_windows, val_windows = (TokenWindows(os.path.join(data_dir, f"{split}.bin"), cfg.block_size,
-                                                   cfg.batch_size, cfg.seed, split_id=i)
+                                                   batch_size, cfg.seed, split_id=i)
                                       for i, split in enumerate(("train", "val")))
         return train_windows, {"val": val_windows}
     return sources
@@ -107,11 +107,10 @@ def measure_training(cls, presets, overrides, steps, sources=random_sources, los
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = GPT(GPTConfig(**cfg.model_fields()))
-    train_source, eval_sources = sources(cfg, loss_fraction)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     started = time.perf_counter()
-    train(cfg, model, train_source, eval_sources, rt, head_fraction=loss_fraction or 1.0)
+    train(cfg, model, lambda batch_size: sources(cfg, batch_size, loss_fraction), rt)
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [r for r in map(json.loads, f) if r["type"] == "train"][1:]
     shutil.rmtree(out, ignore_errors=True)
