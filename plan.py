@@ -35,6 +35,11 @@ class BatchPlan:
         return self.micro_batch * self.accumulation * block_size
 
 
+def configured_tokens_per_step(cfg):
+    """The tokens of one optimizer step, as configured (a run's micro-batch does not change it)."""
+    return cfg.tokens_per_step or cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+
+
 def sequences_per_process(cfg, world_size):
     """The sequences each process trains on per step."""
     if cfg.tokens_per_step:

@@ -39,12 +39,12 @@ def read_json(path):
 
 
 def read_metrics(path):
-    """metrics.jsonl as (train lines, eval lines); a half-written last line is skipped."""
+    """metrics.jsonl as (train lines, eval lines, plan lines); a half-written last line is skipped."""
     if not os.path.isfile(path):
-        return [], []
+        return [], [], []
     with open(path) as f:
         lines = [json.loads(line) for line in f if line.rstrip().endswith("}")]
-    return [r for r in lines if r.get("type") == "train"], [r for r in lines if r.get("type") == "eval"]
+    return tuple([r for r in lines if r.get("type") == kind] for kind in ("train", "eval", "plan"))
 
 
 def summarize_checkpoint(path):
@@ -122,7 +122,22 @@ def model_card(ckpt):
             "position tables and an untied output head (Kaplan et al. 2020).\n\n" + table(("", ""), rows))
 
 
-def training_record(name, ckpt, train, evals, finetune=False):
+def plan_rows(plans, train):
+    """The run's plan as it started (trainer.py logs it), its time budget and the peak memory seen."""
+    start = next((p for p in plans if "params" in p), None)
+    budget = next((p for p in plans if "budget_hours" in p), None)
+    peaks = [r["peak_mem_mib"] for r in train if r.get("peak_mem_mib")]
+    rows = [("plan at the start", f"{human(start['tokens'])} tokens, {start['train_flops']:.2e} training FLOPs; "
+                                  f"micro-batch {start['micro_batch']} x {start['accumulation']} accumulated over "
+                                  f"{start['processes']} process(es) (by {start['batch_chosen_by']}); checkpoints "
+                                  f"{start['ckpt_bytes'] / 1e9:.2f} GB")] if start else []
+    if budget:
+        rows.append(("time budget", f"{budget['budget_hours']:g} h: {budget['step_s']:.3g} s per step measured "
+                                    f"-> {budget['max_iters']:,} steps"))
+    return rows + ([("peak memory", f"{max(peaks) / 1024:.1f} GiB")] if peaks else [])
+
+
+def training_record(name, ckpt, train, evals, plans=(), finetune=False):
     out = f"### {name}\n\n"
     if ckpt is None and not train:
         return out + "Not run.\n"
@@ -143,6 +158,7 @@ def training_record(name, ckpt, train, evals, finetune=False):
                                         "pretraining text; loss on targets only"))
     else:
         rows.append(("config", "unknown (no checkpoint)"))
+    rows += plan_rows(plans, train)
     rows += [("hardware", f"{machine()} (report machine: the logs do not record it; config device="
                           f"{cfg.get('device', '?')})")]
     if train:
@@ -192,7 +208,7 @@ def plot_curves(path, title, cfg, train, evals, per_task=False):
 
 def curves(run, runs):
     out = "## Loss curves\n\n"
-    for name, (ckpt, train, evals) in runs.items():
+    for name, (ckpt, train, evals, _) in runs.items():
         if not train and not evals:
             out += f"{name}: not run.\n\n"
             continue

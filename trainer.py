@@ -181,14 +181,14 @@ def wrap_for_training(model, rt, compile_wanted):
 def local_optimizer_steps(optimizers):
     """Optimizer steps that join no collective (Muon shares its work out across processes): a memory
     probe on one process may fail while another's succeeds, and must not leave it waiting."""
-    sharded = [opt for opt in optimizers if getattr(opt, "sharded", False)]
+    sharded = [opt for opt in optimizers if getattr(opt, "shard", False)]
     for opt in sharded:
-        opt.sharded = False
+        opt.shard = False
     try:
         yield
     finally:
         for opt in sharded:
-            opt.sharded = True
+            opt.shard = True
 
 
 def cpu_copy(obj):
@@ -294,18 +294,32 @@ class Run:
         """The micro-batch and accumulation: from the config, from the checkpoint being resumed, or
         fitted to memory (batch_size=auto). Written back into cfg, so that the sources, the figures
         and the saved config hold the numbers that run."""
-        plan = initial_plan(self.cfg, self.rt.world_size, self.saved_plan) or self.fit_to_memory(make_sources)
+        self.make_sources = make_sources  # for a probe, should the configured micro-batch not fit
+        plan = initial_plan(self.cfg, self.rt.world_size, self.saved_plan) or self.fit_to_memory()
         self.plan, self.micro_steps = plan, plan.accumulation // self.rt.world_size
         self.cfg.batch_size, self.cfg.gradient_accumulation_steps = plan.micro_batch, plan.accumulation
 
-    def fit_to_memory(self, make_sources):
-        """batch_size=auto: micro-batches of the first batch's rows, tried for real (forward, backward
-        and optimizer step; eager, as a compiled probe would recompile for every size), and the largest
-        that fits on every process (memory.largest_that_fits). Weights, optimizer, scaler and random
-        states are put back afterwards: the run goes on exactly as if started with that micro-batch."""
+    def fit_to_memory(self):
+        """batch_size=auto: the largest micro-batch that fits (probe), and the accumulation that keeps
+        the tokens per step."""
         cfg, rt = self.cfg, self.rt
         sequences = sequences_per_process(cfg, rt.world_size)
-        batch = to_device(make_sources(sequences)[0].batch(0, 0), rt.device)
+        best, tries = self.probe(sequences)
+        if best is None:
+            raise UserError(f"batch_size=auto: not even one sequence of {cfg.block_size} tokens fits in the memory of "
+                            f"{rt.device} with this model and dtype; lower block_size or the model's size")
+        plan = BatchPlan(best, sequences // best * rt.world_size, chosen_by="memory probe", tries=tries)
+        if rt.master:
+            print(probe_line(plan, cfg.block_size, rt.world_size), flush=True)
+        return plan
+
+    def probe(self, sequences):
+        """Micro-batches of the first batch's rows, tried for real (forward, backward and optimizer
+        step; eager, as a compiled probe would recompile for every size): the largest that fits on every
+        process (memory.largest_that_fits) and the tries. Weights, optimizer, scaler and random states
+        are put back afterwards: the run goes on exactly as if started with that micro-batch."""
+        rt = self.rt
+        batch = to_device(self.make_sources(sequences)[0].batch(0, 0), rt.device)
         before = cpu_copy({"model": self.raw_model.state_dict(), "scaler": self.scaler.state_dict(),
                            "optimizers": [opt.state_dict() for opt in self.optimizers], "rng": rng_state(rt.device)})
 
@@ -333,20 +347,14 @@ class Run:
         self.scaler.load_state_dict(before["scaler"])
         set_rng_state(before["rng"], rt.device)
         memory.release(rt.device)
-        if best is None:
-            raise UserError(f"batch_size=auto: not even one sequence of {cfg.block_size} tokens fits in the memory of "
-                            f"{rt.device} with this model and dtype; lower block_size or the model's size")
-        plan = BatchPlan(best, sequences // best * rt.world_size, chosen_by="memory probe",
-                         tries=[[size, None if used is None else round(used / 2 ** 20), ok] for size, used, ok in tries])
-        if rt.master:
-            print(probe_line(plan, cfg.block_size, rt.world_size), flush=True)
-        return plan
+        return best, [[size, None if used is None else round(used / 2 ** 20), ok] for size, used, ok in tries]
 
     def batch_keys(self):
         """Each process takes its own slice of the micro-steps, so together they draw every batch once.
-        max_iters is read as the keys are drawn: --budget_hours sets it after the first steps."""
+        max_iters is read as the keys are drawn: --budget_hours sets it after the first steps (until
+        then the keys go on, as the prefetch thread runs ahead of the loop)."""
         first, it = self.rt.rank * self.micro_steps, self.iter
-        while it < self.cfg.max_iters:
+        while it < self.cfg.max_iters or self.budget.decide_at:
             for k in range(self.micro_steps):
                 yield it, first + k
             it += 1
@@ -436,11 +444,20 @@ class Run:
 
     def _more_pieces(self):
         """After running out of memory: drop the partial gradients and run each micro-batch in twice the
-        pieces. Under DDP a process can do so alone only before its all-reducing backward."""
+        pieces. Under DDP a process can do so alone only before its all-reducing backward. A micro-batch
+        set in the config that fails at once is a setting to fix, named with the largest that fits."""
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         memory.release(self.rt.device)
         size, pieces = self.plan.micro_batch, self.plan.pieces
+        if self.plan.chosen_by == "config" and self.iter == self.start_iter and not self.restored:
+            fits = ""
+            if not self.rt.ddp:  # under DDP the other processes wait in this step's all-reduce: no probe
+                best, _ = self.probe(sequences_per_process(self.cfg, 1))
+                fits = f"; the largest micro-batch that fits is {best}: pass --batch_size={best}" if best else \
+                    "; not even one sequence fits: lower block_size or the model's size"
+            raise UserError(f"batch_size={size} does not fit in the memory of {self.rt.device}{fits} "
+                            f"(or --batch_size=auto)")
         if self.rt.ddp and self.syncing:
             smaller = max(d for d in divisors(sequences_per_process(self.cfg, self.rt.world_size)) if d < size) \
                 if size > 1 else 1
@@ -583,12 +600,15 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
 
 
 def record_ranks(model, first_batch, rt, log):
-    """Log each process's first-batch and final-weights checksums: the batches must differ and
-    the weights must not (a cheap proof that DDP kept the replicas in sync)."""
+    """Log each process's first-batch and final-weights checksums and a dropout mask drawn from its
+    random stream: the batches and masks must differ and the weights must not (a cheap proof that DDP
+    kept the replicas in sync while each process drew its own data and dropout)."""
     weights = sum(float(p.detach().double().sum()) for p in model.parameters())
     batch = float(first_batch.double().sum()) if first_batch is not None else None
+    mask = torch.nn.functional.dropout(torch.ones(64, device=rt.device), 0.5)
+    dropout = int((mask > 0).long() @ (2 ** torch.arange(64, device=rt.device) % 1_000_003))
     sums = [None] * rt.world_size
-    dist.all_gather_object(sums, {"rank": rt.rank, "first_batch": batch, "weights": weights})
+    dist.all_gather_object(sums, {"rank": rt.rank, "first_batch": batch, "weights": weights, "dropout": dropout})
     if rt.master:
         log.write(type="ranks", ranks=sums)
         if len({s["weights"] for s in sums}) > 1:

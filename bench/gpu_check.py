@@ -44,12 +44,13 @@ from config import FinetuneConfig, TrainConfig, parse_config  # noqa: E402
 from data import RandomTokens, TokenWindows, open_tokens  # noqa: E402
 from generation import batched_beam_search  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from plan import configured_tokens_per_step  # noqa: E402
 from runtime import setup_runtime  # noqa: E402
 from scoring import evaluate_owt  # noqa: E402
 from trainer import train  # noqa: E402
 
 TINY = ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=128", "--batch_size=4",
-        "--gradient_accumulation_steps=1"]
+        "--tokens_per_step=512"]
 LOSS_FRACTION = 0.12  # share of finetuning positions that carry loss (the README's CPU run: 11.3%)
 PRESET = "config/pretrain_gpt2_124m_1gpu.py"  # the shape (and recipe) every measurement trains
 # examples the gpu/full presets evaluate (test/dev splits) and their mean new tokens
@@ -175,9 +176,9 @@ def estimates(pre, ft, gen):
                                           ("full", "config/pretrain_gpt2_124m.py", "config/finetune_gpu.py", 8)):
         p = parse_config(TrainConfig, [os.path.join(ROOT, preset)])
         f = parse_config(FinetuneConfig, [os.path.join(ROOT, ft_preset)] +
-                         (["--gradient_accumulation_steps=8"] if gpus == 8 else []))
-        pre_tokens = p.max_iters * p.batch_size * p.block_size * p.gradient_accumulation_steps
-        ft_tokens = f.max_iters * f.batch_size * f.block_size * f.gradient_accumulation_steps
+                         (["--tokens_per_step=131072"] if gpus == 8 else []))
+        pre_tokens = p.max_iters * configured_tokens_per_step(p)
+        ft_tokens = f.max_iters * configured_tokens_per_step(f)
         cnn, squad = EVAL_EXAMPLES["cnn_dailymail"], EVAL_EXAMPLES["squad"]
         rows[name] = {"pretrain_h": pre_tokens / (pre["tokens_per_s"] * gpus) / 3600,
                       "finetune_h": ft_tokens / (ft["tokens_per_s"] * gpus) / 3600,

@@ -1,14 +1,15 @@
 # Multitask finetuning of the GPT-2-small-shaped model (162M with the untied head) on one GPU
-# (or torchrun; keep the global gradient_accumulation_steps a multiple of the number of GPUs):
+# (or torchrun: the processes share the tokens per step):
 #   python prepare_finetune.py --block-size 1024
 #   python finetune.py config/finetune_gpu.py
-# 16 x 1024 x 4 = 65,536 tokens per step, 3,000 steps = 2 passes over the default mix.
+# 65,536 tokens per step (64 packed rows of 1024), micro-batches fitted to the card's memory
+# (batch_size=auto); 3,000 steps = 2 passes over the default mix.
 out_dir = "out/gpu/finetune"
 init_from = "out/gpu/pretrain/ckpt.pt"
 data_dir = "data/owt"
 finetune_dir = "data/finetune_1024"
-batch_size = 16
-gradient_accumulation_steps = 4
+batch_size = "auto"
+tokens_per_step = 65536
 max_iters = 3000
 warmup_iters = 100
 learning_rate = 1e-4

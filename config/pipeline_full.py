@@ -7,6 +7,6 @@ owt_name = "owt_14gb"
 owt_max_tokens = 3_300_000_000
 pretrain_config = "config/pretrain_gpt2_124m.py"
 finetune_config = "config/finetune_gpu.py"
-finetune_args = "--gradient_accumulation_steps=8"
+finetune_args = "--tokens_per_step=131072"  # 8 GPUs: twice the one-GPU preset's batch
 eval_args = "--num-beams 4 --no-repeat-ngram-size 3"
 nproc = 8

@@ -1,8 +1,9 @@
 # GPT-2 small's shape (124M with a tied head; 162M untied) on one GPU:
 #   python train.py config/pretrain_gpt2_124m_1gpu.py
-# 32 x 1024 x 4 = 131,072 tokens per step; 10,000 steps = 1.3B tokens (a few hours on an
-# A100/H100 with bf16 + torch.compile). Lower batch_size if memory runs out; raise
-# gradient_accumulation_steps to keep the tokens per step.
+# 131,072 tokens per step (128 sequences of 1024); 10,000 steps = 1.3B tokens (a few hours on an
+# A100/H100 with bf16 + torch.compile). batch_size=auto fits the micro-batch to the card's memory
+# (e.g. 8 or 16 sequences on a 16-24 GB card) and accumulates to the same tokens per step;
+# --batch_size=N fixes it.
 out_dir = "out/gpu/pretrain"
 data_dir = "data/owt"
 block_size = 1024
@@ -21,8 +22,8 @@ n_embd = 768
 # - learning_rate 6e-4 (AdamW; here only the embeddings, the untied head and the norms): nanoGPT's
 #   rate for GPT-2 small. The same comparison's best all-Adam rate was 0.0018, so 6e-4 errs on the
 #   stable side for layers that no published Muon run tunes at our batch; the side-by-side checks it.
-batch_size = 32
-gradient_accumulation_steps = 4
+batch_size = "auto"
+tokens_per_step = 131072
 max_iters = 10000
 warmup_iters = 500
 learning_rate = 6e-4

@@ -2,12 +2,18 @@
 
     python tests/inject_fault.py FAULT SCRIPT [ARGS...]
 
-FAULT is one of (N counts from 1):
+FAULT is one of (N counts from 1), optionally followed by @R to act only on the torchrun process of
+rank R:
     save:N     SIGKILL halfway through writing the N-th ckpt.pt (half its bytes are on disk)
     step:N     SIGKILL right after the N-th training step (between steps)
     encode:N   SIGKILL while tokenizing the N-th document (mid-chunk; use --num-proc 1)
+    oom:N      the N-th forward pass in training mode runs out of memory (torch.OutOfMemoryError)
+    memory:N   a GPU of N rows: every forward pass in training mode of more rows runs out of memory
+    hide:N     ckpt.pt does not exist for this process (a node without the storage rank 0 wrote to;
+               N is unused)
 
-SIGKILL is what the OOM killer or a lost machine does: no handler, no cleanup, no flush.
+SIGKILL is what the OOM killer or a lost machine does: no handler, no cleanup, no flush. The
+memory faults stand in for a GPU's allocator: the error is raised where a real one would be.
 """
 import io
 import os
@@ -32,9 +38,41 @@ def after_calls(n, on_nth):
     return tick
 
 
+def out_of_memory(rows):
+    import torch
+    return torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {rows} rows (injected)")
+
+
+def memory_limit(forward, max_rows):
+    """GPT.forward on a device whose memory holds max_rows rows of training activations."""
+    def limited(self, idx, *args, **kw):
+        if self.training and idx.size(0) > max_rows:
+            raise out_of_memory(idx.size(0))
+        return forward(self, idx, *args, **kw)
+    return limited
+
+
+def out_of_memory_at(forward, n):
+    """GPT.forward whose n-th call in training mode runs out of memory, once."""
+    tick = after_calls(n, lambda idx: (_ for _ in ()).throw(out_of_memory(idx.size(0))))
+
+    def failing(self, idx, *args, **kw):
+        if self.training:
+            tick(idx)
+        return forward(self, idx, *args, **kw)
+    return failing
+
+
 def inject(kind, n):
     import torch
-    if kind == "save":
+    if kind in ("oom", "memory"):
+        from model import GPT
+        GPT.forward = (out_of_memory_at if kind == "oom" else memory_limit)(GPT.forward, n)
+    elif kind == "hide":
+        real_exists, real_isfile = os.path.exists, os.path.isfile
+        os.path.exists = lambda p: os.path.basename(str(p)) != "ckpt.pt" and real_exists(p)
+        os.path.isfile = lambda p: os.path.basename(str(p)) != "ckpt.pt" and real_isfile(p)
+    elif kind == "save":
         real_save = torch.save
 
         def half_written(obj, path):
@@ -76,8 +114,10 @@ def inject(kind, n):
 
 if __name__ == "__main__":
     fault, script, *argv = sys.argv[1:]
+    fault, _, rank = fault.partition("@")
     kind, _, count = fault.partition(":")
-    inject(kind, int(count))
+    if not rank or rank == os.environ.get("RANK", "0"):
+        inject(kind, int(count))
     sys.argv = [script, *argv]
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
     runpy.run_path(script, run_name="__main__")
