@@ -74,7 +74,7 @@ class Muon(torch.optim.Optimizer):
     shard: under torch.distributed with more than one process, orthogonalize only this process's
     share and all-gather the rest (every process must then call step() with the same parameters
     holding gradients, as under DDP). compile: torch.compile the Newton-Schulz iterations; None
-    means on CUDA (where compiling works), not on CPU, where compiling costs more than it saves.
+    means on CUDA where compiling works, and not on the CPU (seconds of compiling per matrix shape).
     `orthogonalized` counts the matrices this process has run Newton-Schulz on."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, weight_decay=0.0, nesterov=True, ns_steps=5,
@@ -98,6 +98,7 @@ class Muon(torch.optim.Optimizer):
         return 0, 1
 
     def _newton_schulz(self, device):
+        """orthogonalize, compiled or not; decided once."""
         if self._orthogonalize is None:
             wanted = self.compile
             if wanted is None:
@@ -117,29 +118,8 @@ class Muon(torch.optim.Optimizer):
         items = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if not items:
             return loss
-        for group in self.param_groups:  # every process keeps every momentum: the state stays complete
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            buffers = [self.state[p]["momentum_buffer"] for p in params]
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, [p.grad for p in params])
-
-        rank, world_size = self._process_share()
-        owner = assign_shares([tuple(p.shape) for p, _ in items], world_size)
-        device = items[0][0].device
-        dtype, newton_schulz_fn = work_dtype(device), self._newton_schulz(device)
-        updates = {}
-        for i, (p, group) in enumerate(items):
-            if owner[i] == rank:
-                buf = self.state[p]["momentum_buffer"]
-                update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                updates[i] = newton_schulz_fn(update, group["ns_steps"], dtype)
-                self.orthogonalized += 1
-        if world_size > 1:
-            updates = self._all_gather(items, owner, updates, world_size, rank, dtype)
-
+        self._update_momentum()
+        updates = self._orthogonalized_updates(items)
         for i, (p, group) in enumerate(items):
             update = updates[i].to(p.dtype)
             update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
@@ -148,10 +128,42 @@ class Muon(torch.optim.Optimizer):
             p.add_(update, alpha=-group["lr"])
         return loss
 
+    def _update_momentum(self):
+        """Every process keeps every matrix's momentum, so that its state_dict is complete."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])  # one kernel for all matrices, not one each
+            torch._foreach_add_(buffers, [p.grad for p in params])
+
+    def _orthogonalized_updates(self, items):
+        """{index in items: orthogonalized update}, in the working dtype: this process's share
+        computed here, the others' received from them."""
+        rank, world_size = self._process_share()
+        owner = assign_shares([tuple(p.shape) for p, _ in items], world_size)
+        device = items[0][0].device
+        dtype, orthogonalize_fn = work_dtype(device), self._newton_schulz(device)
+        updates = {}
+        for i, (p, group) in enumerate(items):
+            if owner[i] == rank:
+                buf = self.state[p]["momentum_buffer"]
+                update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                updates[i] = orthogonalize_fn(update, group["ns_steps"], dtype)
+                self.orthogonalized += 1
+        if world_size > 1:
+            updates = self._all_gather(items, owner, updates, rank, world_size, dtype)
+        return updates
+
     @staticmethod
-    def _all_gather(items, owner, updates, world_size, rank, dtype):
+    def _all_gather(items, owner, updates, rank, world_size, dtype):
         """Every process's updates to every process, in one collective: each sends its share as one
-        flat buffer, padded to the largest share (shares differ by about one matrix)."""
+        flat buffer, padded to the largest share (shares differ by about one matrix). In the working
+        dtype: on GPUs bfloat16, half the bytes, and widening it afterwards is exact."""
         shares = [[i for i in range(len(items)) if owner[i] == r] for r in range(world_size)]
         sizes = [sum(items[i][0].numel() for i in share) for share in shares]
         width, device = max(sizes), items[0][0].device
