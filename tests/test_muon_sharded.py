@@ -131,7 +131,8 @@ def step_compiled_and_eager(shapes, device, steps=2):
     weights = [torch.randn(shape, device=device) for shape in shapes]
     params = {"compiled": [torch.nn.Parameter(w.clone()) for w in weights],
               "eager": [torch.nn.Parameter(w.clone()) for w in weights]}
-    compiled, eager = Muon(params["compiled"], compile=True, **SETTINGS), Muon(params["eager"], compile=False, **SETTINGS)
+    compiled = Muon(params["compiled"], compile=True, **SETTINGS)
+    eager = Muon(params["eager"], compile=False, **SETTINGS)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for step in range(steps):  # later steps reuse the first step's graphs
         for name, opt in (("compiled", compiled), ("eager", eager)):
