@@ -45,6 +45,16 @@ def test_rejects_non_matrices():
         Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
+def test_a_matrix_without_gradient_is_left_alone():
+    """A whole group may have no gradients (frozen, or unused this step): no move, no momentum."""
+    frozen, trained = torch.nn.Parameter(torch.ones(4, 6)), torch.nn.Parameter(torch.ones(6, 4))
+    opt = Muon([{"params": [frozen]}, {"params": [trained], "lr": 0.1}], weight_decay=0.1)
+    trained.grad = torch.randn(6, 4)
+    opt.step()
+    assert torch.equal(frozen, torch.ones(4, 6)) and not torch.equal(trained, torch.ones(6, 4))
+    assert frozen not in opt.state and opt.orthogonalized == 1
+
+
 def test_state_dict_round_trips():
     """Two optimizers, one restored from the other's state_dict, take identical steps."""
     torch.manual_seed(0)
