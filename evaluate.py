@@ -19,8 +19,15 @@ Each task is scored on its first eval split (CNN/DM: test; SQuAD, SST-2: validat
 (as many as fit the block); --shots 0 is zero-shot (CNN/DM in GPT-2's "TL;DR:" format); without
 it the prompt is the finetuning one. Writes to --out (default <checkpoint folder>/eval):
 <task>_<split>_predictions.jsonl and <task>_<split>_metrics.json (scores, baseline, decoding
-settings, shots, checkpoint sha256, data source, tasks_version, speed). evaluate_task() is the
-same core for use from Python.
+settings, shots, batch size, checkpoint sha256, data source, tasks_version, speed). evaluate_task() is
+the same core for use from Python.
+
+    torchrun --standalone --nproc_per_node=8 evaluate.py --task all --ckpt out/full/finetune/model.pt
+
+Under torchrun the processes share out the batches (batch i to process i % N) and process 0 writes
+the files: the same predictions and metrics as one process, but for the timing fields
+(scoring.TIMING_FIELDS). --batch-size auto (the default) fits the decoding batch to the GPU's
+memory on the longest prompts; on the CPU and MPS, which report no memory, it is 16 prompts.
 """
 import argparse
 import hashlib
@@ -33,13 +40,14 @@ from dataclasses import replace
 from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_json
 
 import numpy as np
+import torch.distributed as dist
 
 import tasks
 from checkpoint import load_checkpoint, model_from_checkpoint, newest_finetuned
 from corpus import documents
 from data import open_tokens
 from runtime import setup_runtime
-from scoring import EvalSettings, evaluate_owt, evaluate_task
+from scoring import EvalSettings, evaluate_owt, evaluate_task, owt_windows
 
 
 
@@ -55,18 +63,18 @@ def owt_tokens(args, enc, block_size):
     return np.asarray(ids, dtype=np.int64), args.owt_text, "text"
 
 
-def default_checkpoint():
+def default_checkpoint(master):
     """The newest finetuned model.pt under out/ (the design's `evaluate.py --task squad`)."""
     path = newest_finetuned("out")
     if path is None:
         raise UserError("no --ckpt given and no finetuned model.pt under out/; make one with "
                         "`python pipeline.py --preset smoke --data-root ../shared/data`, or pass --ckpt PATH")
-    print(f"using {path}, the newest finetuned model.pt under out/ (--ckpt to choose another)")
+    if master:
+        print(f"using {path}, the newest finetuned model.pt under out/ (--ckpt to choose another)")
     return path
 
 
-def warn_if_not_finetuned_here(ckpt, path, shots):
-    version = ckpt.get("tasks_version")
+def warn_if_not_finetuned_here(version, path, shots):
     if version is None and shots is None:
         print(f"warning: {path} was not finetuned on the tasks; scores will be near zero (to score a "
               f"pretrained model, give --shots 0 for zero-shot or --shots K for few-shot)", file=sys.stderr)
@@ -74,7 +82,6 @@ def warn_if_not_finetuned_here(ckpt, path, shots):
         print(f"warning: {path} was finetuned with tasks version {version} but this code builds version "
               f"{tasks.TASKS_VERSION} prompts; scores may drop (re-finetune or check out the matching code)",
               file=sys.stderr)
-    return version
 
 
 def prompt_block_size(ckpt, model, path):
@@ -95,9 +102,9 @@ def file_sha256(path):
 
 
 def print_table(result):
-    base = result["baseline"]
+    base, processes = result["baseline"], result["processes"]
     print(f"\n{result['task']} {result['split']}: {result['count']} examples in {result['wall_time_s']:.1f} s"
-          + (f"; baseline: {base['name']}" if base else ""))
+          + (f" on {processes} processes" if processes > 1 else "") + (f"; baseline: {base['name']}" if base else ""))
     print(f"  {'metric':<14}{'model':>10}{'baseline':>10}")
     for key, value in result["scores"].items():
         if isinstance(value, float):
@@ -105,6 +112,14 @@ def print_table(result):
             print(f"  {key:<14}{value:>10.2f}" + (f"{other:>10.2f}" if other is not None else f"{'-':>10}"))
     if "bleu_signature" in result["scores"]:
         print(f"  BLEU signature: {result['scores']['bleu_signature']}")
+
+
+def batch_size(text):
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise UserError(f"--batch-size must be auto or a number of prompts of at least 1, got {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None):
@@ -116,7 +131,8 @@ def parse_args(argv=None):
     p.add_argument("--shots", type=int, help="K training examples before each prompt (0: zero-shot); "
                                              "default: the finetuning prompt alone")
     p.add_argument("--limit", type=int, help="first N examples (owt: N windows)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=batch_size, default="auto",
+                   help="prompts decoded at once; auto: the most that fit the GPU's memory (16 on CPU, MPS)")
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
     p.add_argument("--data-root", help="local task data, e.g. ../shared/data (default: the hub)")
     p.add_argument("--num-beams", type=int, default=1)
@@ -135,7 +151,7 @@ def parse_args(argv=None):
         raise UserError(f"unknown task {args.task!r}; valid tasks: {', '.join(valid)}")
     if args.shots is not None and args.shots < 0:
         raise UserError(f"--shots must be 0 (zero-shot) or more, got {args.shots}")
-    for name in ("limit", "batch_size", "num_beams", "max_new_tokens"):
+    for name in ("limit", "num_beams", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.no_repeat_ngram_size < 0:
@@ -149,10 +165,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    # under torchrun: this process's rank. The process group is joined only once the inputs are read
+    # and checked, so that bad input is the same one-line error in every process, before any collective
+    master = int(os.environ.get("RANK", "0")) == 0
     names = [args.task]
     if args.task == "all":
         names = list(tasks.TASKS) + (["owt"] if args.owt_bin or args.owt_text else [])
-    args.ckpt = args.ckpt or default_checkpoint()
+    args.ckpt = args.ckpt or default_checkpoint(master)
     ckpt = load_checkpoint(args.ckpt)
     data = {}  # every task's rows before the model: a data problem fails fast
     for name in (n for n in names if n != "owt"):
@@ -163,16 +182,22 @@ def main(argv=None):
         if split in task.unlabelled_splits:
             raise UserError(f"{name} split {split!r} is unlabelled and cannot be scored; "
                             f"use {', '.join(task.eval_splits)}")
-        if split not in task.eval_splits:
+        if split not in task.eval_splits and master:
             print(f"warning: {name} split {split!r} is not an evaluation split "
                   f"({', '.join(task.eval_splits)})", file=sys.stderr)
         data[name] = split, task.load_rows(split, args.data_root, args.limit), task.source_name(split, args.data_root)
-    rt = setup_runtime(args.device, args.dtype)
-    model = model_from_checkpoint(ckpt, args.ckpt).to(rt.device).eval()
-    version = warn_if_not_finetuned_here(ckpt, args.ckpt, args.shots)
+    model = model_from_checkpoint(ckpt, args.ckpt)
     block_size = prompt_block_size(ckpt, model, args.ckpt)
+    version = ckpt.get("tasks_version")
+    if master:
+        warn_if_not_finetuned_here(version, args.ckpt, args.shots)
     del ckpt
     enc = get_tokenizer()
+    if "owt" in names:
+        data["owt"] = owt_tokens(args, enc, model.config.block_size)
+        owt_windows(len(data["owt"][0]), model.config.block_size, args.limit)  # too few tokens: an error now
+    rt = setup_runtime(args.device, args.dtype)
+    model = model.to(rt.device).eval()
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams, shots=args.shots,
                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
@@ -180,16 +205,19 @@ def main(argv=None):
                             prompt_block_size=block_size)
     common = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt)},
               "tasks_version": tasks.TASKS_VERSION, "checkpoint_tasks_version": version,
-              "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")}
-    for name in names:
+              "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")} if rt.master else None
+    for name in names:  # every process runs every task alike; process 0 gets the results and writes them
         if name == "owt":
-            tokens, source, split = owt_tokens(args, enc, model.config.block_size)
-            result, predictions = evaluate_owt(model, tokens, args.limit, rt.autocast), None
-            result["split"] = split
+            tokens, source, split = data["owt"]
+            result = evaluate_owt(model, tokens, args.limit, rt.autocast, rt.rank, rt.world_size)
+            predictions = None
         else:
             split, rows, source = data[name]
-            result, predictions = evaluate_task(model, enc, name, rows, replace(settings, split=split), rt.autocast)
-        result.update(common, data_source=source)
+            result, predictions = evaluate_task(model, enc, name, rows, replace(settings, split=split), rt.autocast,
+                                                rt.rank, rt.world_size)
+        if not rt.master:
+            continue
+        result.update(common, split=split, data_source=source)
         stem = os.path.join(out_dir, f"{name}_{split}")
         if predictions is not None:
             with atomic_path(stem + "_predictions.jsonl") as tmp, open(tmp, "w") as f:
@@ -197,7 +225,10 @@ def main(argv=None):
                     f.write(json.dumps(pred) + "\n")
         write_json(stem + "_metrics.json", result)
         print_table(result)
-    print(f"\nwrote {out_dir}")
+    if rt.master:
+        print(f"\nwrote {out_dir}")
+    if rt.ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

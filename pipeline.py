@@ -47,7 +47,7 @@ class PipelineConfig:
     eval_limit: int = 0  # examples per task for evaluate (0: all)
     eval_args: str = ""
     pretrained_shots: str = "0,3"  # also score the pretrained model with each --shots (comma-separated; "" none)
-    nproc: int = 1  # >1 runs the training steps under torchrun
+    nproc: int = 1  # >1 runs the training and evaluation steps under torchrun
 
 
 @dataclass
@@ -70,7 +70,7 @@ def in_repo(path):
 
 
 def python_cmd(script, cfg):
-    if cfg.nproc > 1 and script in ("train.py", "finetune.py"):
+    if cfg.nproc > 1 and script in ("train.py", "finetune.py", "evaluate.py"):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
                 in_repo(script)]
     return [sys.executable, in_repo(script)]

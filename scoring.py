@@ -1,26 +1,45 @@
 """Score a model on a task (prompts from tasks.py, batched decoding, the task's scorer and
 baseline) or on web text (loss and perplexity): the core that evaluate.py runs, for use from
-Python (benchmarks, tests, notebooks)."""
+Python (benchmarks, tests, notebooks).
+
+Under torchrun (rank, world_size) every process builds the same prompts and the same batches,
+longest prompts first; batch i is decoded by process i % world_size (interleaved, so the shares
+take about the same time), and process 0 gathers the outputs, scores them and returns the
+results. N processes thus decode exactly the batches one process decodes: the predictions and
+scores are the same, and only the TIMING_FIELDS of the metrics differ.
+"""
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import fewshot
+import memory
 import tasks
 from common import EOT, UserError
 from generation import batched_beam_search, constrained_span_decode, decode_text, label_logprobs
+
+AUTO_BATCH_NO_MEMORY_SIGNAL = 16  # prompts per batch where the device reports no memory (CPU, MPS)
+MAX_BATCH_ROWS = 256  # cap on a fitted batch, prompts x beams: beyond it decoding gains little, and
+# fewer, larger batches leave processes idle when torchrun shares them out
+OWT_BATCH_TOKENS = 4096
+# fields of a metrics JSON that say how the run went, not what it computed: wall-clock figures, the
+# number of processes, batches split after running out of memory. Two runs of the same checkpoint,
+# data and settings on the same kind of device agree on everything else: compare them without these.
+TIMING_FIELDS = ("wall_time_s", "examples_per_s", "generated_tokens_per_s", "tokens_per_s", "processes",
+                 "batches_halved")
 
 
 @dataclass
 class EvalSettings:
     split: str = "validation"
-    batch_size: int = 16
+    batch_size: Union[int, str] = "auto"  # prompts per batch; auto: fitted to memory (16 on CPU, MPS)
     num_beams: int = 1
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
@@ -32,13 +51,98 @@ class EvalSettings:
     progress: bool = True
 
 
-def _in_length_order(prompts, batch_size, desc, progress):
-    """Yield batches of indices, longest prompts first (little padding, worst memory up front)."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    with tqdm(total=len(order), desc=desc, unit="ex", disable=not progress, file=sys.stderr) as bar:
-        for start in range(0, len(order), batch_size):
-            yield order[start:start + batch_size]
-            bar.update(len(order[start:start + batch_size]))
+def length_order(prompts):
+    """Indices of the prompts, longest first: little padding in a batch, and the worst batch (the
+    most memory) first, where fitting the batch size measures it."""
+    return sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+
+
+def batches_of(order, size):
+    return [order[start:start + size] for start in range(0, len(order), size)]
+
+
+def progress_bar(total, name, unit, rank, world_size, enabled):
+    """A bar per process, named by its rank; on a terminal each process's bar keeps its own line."""
+    desc = name if world_size == 1 else f"{name} [rank {rank}/{world_size}]"
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
+                position=rank if sys.stderr.isatty() else None)
+
+
+def gather(part, world_size):
+    """Every process's `part` (any picklable object), in rank order."""
+    if world_size == 1:
+        return [part]
+    parts = [None] * world_size
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def agree_on_minimum(value, device, world_size):
+    """The smallest of the processes' values (an int), the same on every process."""
+    if world_size == 1:
+        return value
+    t = torch.tensor([value], device=device if device.type == "cuda" else "cpu")  # nccl: CUDA; gloo: CPU
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def fit_batch_size(decode, order, rows_per_prompt, device):
+    """Most prompts per batch for which the longest ones (the worst batch) decode in memory, with
+    prompts x rows_per_prompt at most MAX_BATCH_ROWS; tried at powers of two (and all the prompts),
+    by bisection. Returns (size or None, {size: outputs} of the tries that finished, tries): a try
+    decodes the first prompts for real, so the one of the chosen size is the first batch, done."""
+    cap = max(1, min(len(order), MAX_BATCH_ROWS // rows_per_prompt))
+    sizes = sorted({min(2 ** k, cap) for k in range(cap.bit_length() + 1)})
+    decoded = {}
+
+    def attempt(size):
+        decoded[size] = decode(order[:size])
+
+    best, tries = memory.largest_that_fits(sizes, attempt, device)
+    return best, decoded, tries
+
+
+def choose_batch_size(requested, decode, order, rows_per_prompt, device, world_size):
+    """Prompts per batch, how they were chosen (for the metrics), one line saying so (None when
+    given), and outputs already decoded by the fitting ({size: outputs} of its first prompts). Every
+    process forms the same batches: under torchrun they take the smallest of their fits."""
+    if requested != "auto":
+        return requested, "given", None, {}
+    if memory.budget(device) is None:
+        size, decoded = AUTO_BATCH_NO_MEMORY_SIGNAL, {}
+        rule = f"auto: {size} prompts, as the device reports no memory to fit to"
+        why = f"{device.type} reports no free memory to fit a batch to; --batch-size N to choose"
+    else:
+        size, decoded, tries = fit_batch_size(decode, order, rows_per_prompt, device)
+        rule = f"auto: the most of the longest prompts that fit in memory, at most {MAX_BATCH_ROWS} rows"
+        tried = ", ".join(f"{s}" + ("" if ok else " too large") for s, _, ok in tries)
+        why = f"the most that fit {device} on the longest prompts, at most {MAX_BATCH_ROWS} rows; tried {tried}"
+    agreed = agree_on_minimum(size or 0, device, world_size)
+    if not agreed:
+        raise UserError(f"out of memory decoding even one prompt on {device}; free the device's memory (other "
+                        f"processes?), or lower --num-beams or --max-new-tokens")
+    if agreed != size:
+        why += f"; {agreed}, the smallest fit of the {world_size} processes"
+    rows = f" x {rows_per_prompt} beams = {agreed * rows_per_prompt} rows" if rows_per_prompt > 1 else ""
+    return agreed, rule, f"batches of {agreed} prompts{rows} (--batch-size auto: {why})", decoded
+
+
+def decode_within_memory(decode, batch, device):
+    """decode(batch), or, if that runs out of memory, its two halves one after the other (halved
+    again as needed): no example is lost. Returns the outputs and how many batches were halved."""
+    try:
+        return decode(batch), 0
+    except Exception as e:  # only memory errors mean "too large"; anything else is a real bug
+        if not memory.is_out_of_memory(e):
+            raise
+        if len(batch) == 1:
+            raise UserError(f"out of memory decoding a single prompt on {device}; free the device's memory "
+                            f"(other processes?), or lower --num-beams or --max-new-tokens") from None
+    memory.release(device)  # out of the except block: the error's traceback holds the failed try's tensors
+    half = (len(batch) + 1) // 2
+    first, halved_first = decode_within_memory(decode, batch[:half], device)
+    second, halved_second = decode_within_memory(decode, batch[half:], device)
+    return first + second, 1 + halved_first + halved_second
 
 
 def decoding_settings(task, s):
@@ -68,66 +172,107 @@ def _generate(model, prompts, decoding):
 
 
 @torch.no_grad()
-def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext):
+def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext, rank=0, world_size=1):
     """Score `model` on `rows` of a task (a Task or its name; autocast: a context factory, e.g.
-    Runtime.autocast). Returns (metrics dict, list of prediction dicts)."""
+    Runtime.autocast). Returns (metrics dict, list of prediction dicts). Under torchrun every
+    process calls it alike, with its rank and the world size; process 0 returns the results of
+    all, the others (None, None)."""
     task = tasks.get_task(task) if isinstance(task, str) else task
     started = time.perf_counter()
     model.eval()
+    device = model.wte.weight.device
     prompts, shots, shots_record = fewshot.build_prompts(task, rows, enc, settings.prompt_block_size or
                                                           model.config.block_size, settings.shots, settings.data_root)
     decoding = decoding_settings(task, settings)
     labels = [enc.encode_ordinary(w) for w in task.label_words or ()]
-    outputs, generated = [None] * len(rows), 0
-    for chunk in _in_length_order([p.ids for p in prompts], settings.batch_size, task.name, settings.progress):
+
+    def decode(batch):  # indices of prompts -> their outputs
         with autocast():
             if labels:
-                results = label_logprobs(model, [prompts[i].ids for i in chunk], labels).tolist()
+                return label_logprobs(model, [prompts[i].ids for i in batch], labels).tolist()
+            return _generate(model, [prompts[i] for i in batch], decoding)
+
+    order = length_order([p.ids for p in prompts])
+    size, rule, line, decoded = choose_batch_size(settings.batch_size, decode, order, decoding.get("num_beams", 1),
+                                                  device, world_size)
+    if line and settings.progress and rank == 0:
+        print(f"{task.name}: {line}", file=sys.stderr, flush=True)
+    batches = batches_of(order, size)
+    outputs, halved = {}, 0
+    mine = range(rank, len(batches), world_size)
+    with progress_bar(sum(len(batches[b]) for b in mine), task.name, "ex", rank, world_size, settings.progress) as bar:
+        for b in mine:
+            if b == 0 and size in decoded:  # fitting the batch size decoded it already
+                results = decoded.pop(size)
             else:
-                results = _generate(model, [prompts[i] for i in chunk], decoding)
-                generated += sum(len(r) for r in results)
-        for i, result in zip(chunk, results):
-            outputs[i] = result
+                results, n = decode_within_memory(decode, batches[b], device)
+                halved += n
+            outputs.update(zip(batches[b], results))
+            bar.update(len(batches[b]))
+    parts = gather((outputs, halved), world_size)
+    if rank != 0:
+        return None, None
+    outputs = {i: out for part, _ in parts for i, out in part.items()}
+    halved = sum(n for _, n in parts)
     elapsed = time.perf_counter() - started
     predictions = []
-    for row, out, n_shots in zip(rows, outputs, shots):
+    for i, (row, n_shots) in enumerate(zip(rows, shots)):
         pred = {"id": task.example_id(row)} | ({} if n_shots is None else {"shots": n_shots})
         if labels:
-            pred["prediction"] = task.label_words[int(np.argmax(out))].strip()
-            pred["label_logprobs"] = {w.strip(): lp for w, lp in zip(task.label_words, out)}
+            pred["prediction"] = task.label_words[int(np.argmax(outputs[i]))].strip()
+            pred["label_logprobs"] = {w.strip(): lp for w, lp in zip(task.label_words, outputs[i])}
         else:
-            pred["prediction"] = decode_text(enc, out)
+            pred["prediction"] = decode_text(enc, outputs[i])
         pred["references"] = task.references(row)
         predictions.append(pred)
     scores = task.score([p["prediction"] for p in predictions], [p["references"] for p in predictions])
+    generated = None if labels else sum(len(out) for out in outputs.values())
     result = {"task": task.name, "split": settings.split, "count": len(rows), "scores": scores,
               "baseline": task.baseline(rows, settings.data_root, settings.split), "decoding": decoding,
-              "shots": shots_record,
+              "shots": shots_record, "batch_size": size, "batch_size_rule": rule, "generated_tokens": generated,
+              # the TIMING_FIELDS, together
               "wall_time_s": round(elapsed, 3), "examples_per_s": round(len(rows) / elapsed, 3),
-              "generated_tokens": None if labels else generated,
-              "generated_tokens_per_s": None if labels else round(generated / elapsed, 2)}
+              "generated_tokens_per_s": None if labels else round(generated / elapsed, 2),
+              "processes": world_size, "batches_halved": halved}
     return result, predictions
 
 
+def owt_windows(n_tokens, block_size, limit=None):
+    """How many non-overlapping block_size windows, each with its next-token targets, n_tokens hold."""
+    windows = (n_tokens - 1) // block_size
+    if windows <= 0:
+        raise UserError(f"{n_tokens} tokens are fewer than block_size + 1 = {block_size + 1}; give more text")
+    return min(windows, limit) if limit else windows
+
+
 @torch.no_grad()
-def evaluate_owt(model, tokens, limit=None, autocast=nullcontext):
-    """Mean loss / perplexity over consecutive non-overlapping block_size windows of a token array."""
+def evaluate_owt(model, tokens, limit=None, autocast=nullcontext, rank=0, world_size=1, progress=True):
+    """Mean loss / perplexity over consecutive non-overlapping block_size windows of a token array.
+    Under torchrun batch i of windows is process i % world_size's, and process 0 adds up the
+    batches' losses in order, as one process does (the same loss to the bit); the others return None."""
     started, T = time.perf_counter(), model.config.block_size
-    windows = (len(tokens) - 1) // T
-    windows = min(windows, limit) if limit else windows
-    if windows == 0:
-        raise UserError(f"{len(tokens)} tokens are fewer than block_size + 1 = {T + 1}; give more text")
+    windows = owt_windows(len(tokens), T, limit)
     model.eval()
-    device, per_batch, total = model.wte.weight.device, max(1, 4096 // T), 0.0
-    for start in tqdm(range(0, windows, per_batch), desc="owt", unit="batch", file=sys.stderr):
-        n = min(per_batch, windows - start)
-        rows = np.stack([np.asarray(tokens[w * T:(w + 1) * T + 1], dtype=np.int64) for w in range(start, start + n)])
-        rows = torch.from_numpy(rows).to(device)
-        with autocast():
-            _, loss = model(rows[:, :-1], targets=rows[:, 1:])
-        total += loss.float().item() * n
-    loss = total / windows
+    device, per_batch = model.wte.weight.device, max(1, OWT_BATCH_TOKENS // T)
+    starts = range(0, windows, per_batch)
+    losses = {}  # batch index -> its mean loss times its number of windows
+    mine = range(rank, len(starts), world_size)
+    with progress_bar(len(mine), "owt", "batch", rank, world_size, progress) as bar:
+        for b in mine:
+            first, n = starts[b], min(per_batch, windows - starts[b])
+            rows = np.stack([np.asarray(tokens[w * T:(w + 1) * T + 1], dtype=np.int64)
+                             for w in range(first, first + n)])
+            rows = torch.from_numpy(rows).to(device)
+            with autocast():
+                _, loss = model(rows[:, :-1], targets=rows[:, 1:])
+            losses[b] = loss.float().item() * n
+            bar.update()
+    parts = gather(losses, world_size)
+    if rank != 0:
+        return None
+    losses = {b: value for part in parts for b, value in part.items()}
+    loss = sum(losses[b] for b in range(len(starts))) / windows
     elapsed = time.perf_counter() - started
     return {"task": "owt", "count": windows, "scores": {"loss": loss, "perplexity": float(np.exp(loss)),
             "windows": windows, "tokens": windows * T}, "baseline": None,
-            "wall_time_s": round(elapsed, 3), "tokens_per_s": round(windows * T / elapsed, 1)}
+            "wall_time_s": round(elapsed, 3), "tokens_per_s": round(windows * T / elapsed, 1), "processes": world_size}

@@ -145,6 +145,7 @@ def test_evaluate_end_to_end(tmp_path, shared_data):
         assert len(result["checkpoint"]["sha256"]) == 64 and result["decoding"]["strategy"]
         assert set(result["baseline"]["scores"]) == set(result["scores"])
         assert result["data_source"].startswith(str(shared_data))
+        assert result["batch_size"] == 16 and result["processes"] == 1  # auto on the CPU: 16 prompts
     squad = json.load(open(tmp_path / "eval/squad_validation_metrics.json"))
     assert {"exact_match", "f1", "rougeL"} <= set(squad["scores"])
     cnn = json.load(open(tmp_path / "eval/cnn_dailymail_test_metrics.json"))
@@ -168,6 +169,16 @@ def test_evaluate_bad_input(tmp_path, shared_data):
     (tmp_path / "empty" / "squad" / "validation.jsonl").write_text("")
     line = error_line(run_eval("--task", "squad", "--ckpt", plain, "--data-root", tmp_path / "empty"))
     assert "no rows" in line
+
+
+def test_batch_size_is_fitted_to_memory_by_default_or_a_given_count():
+    command = ["--task", "squad", "--ckpt", "model.pt"]
+    assert evaluate.parse_args(command).batch_size == "auto"
+    assert evaluate.parse_args(command + ["--batch-size", "8"]).batch_size == 8
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(UserError, match=f"--batch-size must be auto or a number of prompts of at least 1, "
+                                            f"got '{bad}'"):
+            evaluate.parse_args(command + ["--batch-size", bad])
 
 
 def test_prompts_are_cut_at_the_block_size_of_the_finetuning_data(tmp_path, shared_data):
