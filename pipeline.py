@@ -29,6 +29,7 @@ import tasks
 from common import UserError, run_main, write_json
 from corpus import LOCAL_FLAG_ENV
 from provenance import git_state
+from trainer import STOPPED_BY_SIGNAL, STOPPED_FOR_TIME
 from config import FinetuneConfig, TrainConfig, parse_config
 
 
@@ -72,8 +73,18 @@ def in_repo(path):
 def python_cmd(script, cfg):
     if cfg.nproc > 1 and script in ("train.py", "finetune.py", "evaluate.py"):
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-                in_repo(script)]
+                *torchrun_signal_flags(), in_repo(script)]
     return [sys.executable, in_repo(script)]
+
+
+def torchrun_signal_flags():
+    """torchrun passes on only SIGTERM, SIGINT, SIGHUP and SIGQUIT by default: add SIGUSR1 (what SLURM's
+    --signal sends before a job's time is up) and give the workers time to write their checkpoint,
+    where this torchrun has the flags (torch 2.9 and later)."""
+    from torch.distributed.run import get_args_parser
+    known = get_args_parser()._option_string_actions
+    flags = {"--signals-to-handle": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout": "120"}
+    return [f"{flag}={value}" for flag, value in flags.items() if flag in known]
 
 
 def finetune_block_size(cfg):
@@ -163,6 +174,11 @@ def run_step(step, stamp_dir, dry_run):
     started = time.time()
     # a step's hint about local data names the pipeline's flag, not the script's own
     result = subprocess.run(step.command, env={**os.environ, LOCAL_FLAG_ENV: "--data-root"})
+    if result.returncode in (STOPPED_FOR_TIME, STOPPED_BY_SIGNAL) and step.resumable_dir:
+        print(f"[{step.name}] stopped with a checkpoint before the end ("
+              f"{'its --max_minutes' if result.returncode == STOPPED_FOR_TIME else 'a signal'}); rerun the pipeline "
+              f"to continue: finished steps are skipped and training resumes", flush=True)
+        raise SystemExit(result.returncode)
     if result.returncode != 0:
         raise UserError(f"step {step.name} failed (exit {result.returncode}); fix the cause above and rerun "
                         f"the pipeline: finished steps are skipped and training resumes")
