@@ -170,7 +170,8 @@ class Muon(torch.optim.Optimizer):
         padding = torch.zeros(width - sizes[rank], dtype=dtype, device=device)
         sent = torch.cat([updates[i].flatten() for i in shares[rank]] + [padding])
         received = torch.empty(world_size * width, dtype=dtype, device=device)  # flat: gloo wants it so
-        dist.all_gather_into_tensor(received, sent)
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+        all_gather(received, sent)
         received = received.view(world_size, width)
         gathered = {}
         for r, share in enumerate(shares):

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -174,11 +175,12 @@ def run_step(step, stamp_dir, dry_run):
     started = time.time()
     # a step's hint about local data names the pipeline's flag, not the script's own
     result = subprocess.run(step.command, env={**os.environ, LOCAL_FLAG_ENV: "--data-root"})
-    if result.returncode in (STOPPED_FOR_TIME, STOPPED_BY_SIGNAL) and step.resumable_dir:
+    stopped = result.returncode in (STOPPED_FOR_TIME, STOPPED_BY_SIGNAL) or (SIGUSR1_SEEN and result.returncode)
+    if stopped and step.resumable_dir:  # (torchrun exits 1 after passing a signal on to its workers)
         print(f"[{step.name}] stopped with a checkpoint before the end ("
               f"{'its --max_minutes' if result.returncode == STOPPED_FOR_TIME else 'a signal'}); rerun the pipeline "
               f"to continue: finished steps are skipped and training resumes", flush=True)
-        raise SystemExit(result.returncode)
+        raise SystemExit(STOPPED_FOR_TIME if result.returncode == STOPPED_FOR_TIME else STOPPED_BY_SIGNAL)
     if result.returncode != 0:
         raise UserError(f"step {step.name} failed (exit {result.returncode}); fix the cause above and rerun "
                         f"the pipeline: finished steps are skipped and training resumes")
@@ -191,7 +193,19 @@ def run_step(step, stamp_dir, dry_run):
     return seconds, False
 
 
+SIGUSR1_SEEN = []
+
+
+def wait_for_the_step(signum, frame):
+    """SIGUSR1 (SLURM's warning before a job's time is up) reaches the running step too, which checkpoints
+    and stops; the pipeline waits for it, then stops instead of starting the next step."""
+    SIGUSR1_SEEN.append(signum)
+    print(f"\nsignal {signum}: the pipeline stops once the running step has stopped", flush=True)
+
+
 def main(argv=None):
+    if hasattr(signal, "SIGUSR1"):
+        signal.signal(signal.SIGUSR1, wait_for_the_step)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="smoke", help="config/pipeline_<preset>.py: smoke, cpu, gpu or full")
     p.add_argument("--data-root", default=None,
@@ -210,6 +224,8 @@ def main(argv=None):
     timings, started, code = {}, time.strftime("%Y-%m-%d %H:%M:%S %Z"), git_state()
     for step in build_steps(cfg, args.data_root):
         seconds, skipped = run_step(step, stamp_dir, args.dry_run)
+        if SIGUSR1_SEEN:
+            raise SystemExit(STOPPED_BY_SIGNAL)
         timings[step.name] = {"seconds": round(seconds, 1), "skipped": skipped, "command": step.command}
         if not args.dry_run:  # written as it goes: the report step reads it
             write_json(os.path.join(stamp_dir, "timings.json"),

@@ -12,6 +12,7 @@ may take is plan.py's: the micro-batch (fitted to memory with batch_size=auto), 
 """
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -170,8 +171,10 @@ def wrap_for_training(model, rt, compile_wanted):
     if not rt.ddp:
         model = maybe_compile(model, compile_wanted, rt)
         return model, model
-    ddp = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None,
-              broadcast_buffers=False,  # the buffers (RoPE's frequencies) are constants
+    # the buffers (RoPE's frequencies) are constants: no sync at every forward (torch 2.13 renamed the option)
+    constant_buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}
+    ddp = DDP(model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None, **constant_buffers,
               gradient_as_bucket_view=True)  # gradients live in the all-reduce buckets: no second copy
     trained = maybe_compile(ddp, compile_wanted, rt)
     return trained, (torch.compile(model) if trained is not ddp else model)
