@@ -39,8 +39,8 @@ class GPU:
 # 3090's 71 TF), which matches Baseten's A10-vs-A10G comparison ("the A10 prioritizes tensor
 # compute"; the A10, 72 SMs at full rate, is 125 TF). A first run's MFU on an A10G settles it.
 # Memory: T4 14.75, A10G 22.19, V100-16GB 15.78, A100-40GB 39.39, A100/H100-80GB 79.15 GiB are
-# what PyTorch's out-of-memory messages report as total capacity; L4 and the rest are nvidia-smi's
-# MiB / 1024 less the ~0.4 GiB the driver keeps.
+# what PyTorch's out-of-memory messages report as total capacity; the others approximate it from
+# nvidia-smi's total (which is ~0.4 GiB more).
 GPUS = (
     GPU("H200", "H200", (9, 0), 139.7, 989e12, 4.8e12),
     GPU("H100 PCIe", "H100 PCIe", (9, 0), 79.15, 756e12, 2.0e12),

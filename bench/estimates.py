@@ -181,8 +181,8 @@ def training_steps(steps):
 
 
 def micro_batch(gpu, model, run, dtype):
-    """The largest divisor of the step's sequences whose estimated peak stays under the budget, with
-    the peak bytes of each divisor tried; 0 when not even one sequence fits."""
+    """The largest divisor of the step's sequences whose estimated peak (static + b * per_sequence
+    bytes) stays under the budget, 0 when not even one sequence fits; and those three figures."""
     per_seq, fixed = activation_bytes(model.config, dtype, run.loss_fraction)
     logits = model.config.block_size * (run.loss_fraction or 1.0) * model.config.vocab_size
     per_seq += LOSS_TRANSIENT_BYTES * logits
@@ -261,8 +261,9 @@ def estimate(gpu, preset=PRESET):
 
 
 def markdown(rows):
+    runs = sum(k.startswith("evaluate") for k in rows[0]["hours"])
     lines = ["| card | dtype | packed finetuning | micro-batch: pretrain / finetune | pretrain h | finetune h "
-             "| evaluate h (3 runs) | total h |", "|---|---|---|---|---|---|---|---|"]
+             f"| evaluate h ({runs} runs) | total h |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         h, mb = r["hours"], r["micro_batch"]
         evaluation = sum(v for k, v in h.items() if k.startswith("evaluate"))
