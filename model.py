@@ -177,6 +177,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # packed documents: True attends through FlexAttention's block mask, False through the dense
+    # mask (same result); None picks FlexAttention on CUDA. runtime.choose_attention sets it per card.
+    use_flex_attention = None
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -242,7 +246,7 @@ class GPT(nn.Module):
         if self.wpe is None:
             angles = positions[..., None].float() * self.inv_freq  # (B, T, head_dim / 2)
             rope = (angles.cos()[:, None], angles.sin()[:, None])
-        mask = document_mask(positions) if packed else self._attention_mask(valid, cache, start, T, idx.device)
+        mask = document_mask(positions, self.use_flex_attention) if packed else self._attention_mask(valid, cache, start, T, idx.device)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, i)

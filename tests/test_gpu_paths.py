@@ -8,6 +8,7 @@ import os
 import runpy
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -27,8 +28,9 @@ def tiny(**kw):
     return GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32, **kw))
 
 
-def test_a_single_gpu_gets_an_indexed_device(monkeypatch):
-    """torch.cuda.set_device rejects a bare "cuda" device (checked before CUDA is touched)."""
+def pretend_gpu(monkeypatch, name="NVIDIA A100-SXM4-80GB", capability=(8, 0), gib=79.15, triton=True):
+    """torch.cuda acting like one GPU of this kind, on the CPU; returns the devices set_device was given
+    (it rejects a bare "cuda" device, as the real one does, checked before CUDA is touched)."""
     chosen = []
 
     def set_device(device):
@@ -36,18 +38,121 @@ def test_a_single_gpu_gets_an_indexed_device(monkeypatch):
             raise ValueError("Expected a torch.device with a specified index or an integer, but got:cuda")
         chosen.append(torch.device(device))
 
+    card = SimpleNamespace(name=name, major=capability[0], minor=capability[1], total_memory=int(gib * 2 ** 30))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", set_device)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: card)  # capability and name too
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91000)
+    monkeypatch.setattr(runtime, "has_triton", lambda: triton)
+    return chosen
+
+
+def test_a_single_gpu_gets_an_indexed_device(monkeypatch):
+    chosen = pretend_gpu(monkeypatch)
     for name in ("auto", "cuda"):
         rt = runtime.setup_runtime(name)
         assert rt.device == torch.device("cuda:0") and rt.dtype == torch.bfloat16
     assert chosen == [torch.device("cuda:0")] * 2
     # a GPU with only emulated bf16 (V100, T4) gets fp16, which the GradScaler then guards
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    pretend_gpu(monkeypatch, "Tesla V100-SXM2-16GB", (7, 0))
     assert runtime.setup_runtime("cuda").dtype == torch.float16
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert runtime.pick_device("cuda", local_rank=3) == torch.device("cuda:3")
+
+
+# the cards users run the GPU presets on: (device name, capability, dtype=auto, FlexAttention, SDPA backends)
+CARDS = [("Tesla V100-SXM2-16GB", (7, 0), torch.float16, False, "mem-efficient/math"),
+         ("Tesla T4", (7, 5), torch.float16, False, "mem-efficient/math"),
+         ("NVIDIA A100-SXM4-40GB", (8, 0), torch.bfloat16, True, "flash/mem-efficient/math"),
+         ("NVIDIA A10G", (8, 6), torch.bfloat16, True, "flash/mem-efficient/math"),
+         ("NVIDIA L4", (8, 9), torch.bfloat16, True, "flash/mem-efficient/math"),
+         ("NVIDIA H100 80GB HBM3", (9, 0), torch.bfloat16, True, "cuDNN/flash/mem-efficient/math")]
+
+
+@pytest.mark.parametrize("name,capability,dtype,flex,sdpa", CARDS, ids=[f"sm{c[0]}{c[1]}" for _, c, *_ in CARDS])
+def test_each_card_gets_its_dtype_attention_path_and_compile_decision(monkeypatch, capsys, name, capability, dtype,
+                                                                      flex, sdpa):
+    """From the compute capability: native bf16 from sm80, else fp16 with loss scaling; FlexAttention
+    for packed finetuning from sm80 (its Triton kernel is not built for older cards), else the dense
+    document mask; torch.compile from sm70; fused AdamW. One line says so at startup."""
+    pretend_gpu(monkeypatch, name, capability, gib=22.19)
+    rt = runtime.setup_runtime("cuda")
+    assert rt.dtype == dtype and rt.plan.flex_attention == flex and rt.plan.compile and rt.plan.fused_adamw
+    words = "bfloat16" if dtype == torch.bfloat16 else "float16 with loss scaling"
+    attention = ("FlexAttention for packed finetuning" if flex
+                 else "dense document mask for packed finetuning (FlexAttention needs sm80+)")
+    sm = f"sm{capability[0]}{capability[1]}"
+    assert capsys.readouterr().out == (f"{name} ({sm}, 22.2 GiB): {words}, {attention}, torch.compile, fused AdamW, "
+                                       f"SDPA {sdpa}\n")
+    # the FlexAttention probe runs only where the rules allow FlexAttention, at the model's head size
+    probed = []
+    monkeypatch.setattr(runtime, "flex_attention_failure", lambda *args: probed.append(args))
+    model = tiny()
+    assert runtime.choose_attention(model, rt) == flex and model.use_flex_attention == flex
+    assert probed == ([(torch.device("cuda:0"), dtype, 16)] if flex else [])
+
+
+def test_bfloat16_asked_for_on_a_card_without_it_is_kept_with_a_warning_and_runs_eager(monkeypatch, capsys):
+    """An explicit dtype wins, but bf16 before sm80 is emulated: slow matmuls, no fused SDPA kernel, and
+    Triton cannot compile it, so the run goes eager instead of failing in ptxas at the first step."""
+    pretend_gpu(monkeypatch, "Tesla T4", (7, 5), gib=14.75)
+    rt = runtime.setup_runtime("cuda", dtype="bfloat16")
+    out = capsys.readouterr().out.splitlines()
+    assert rt.dtype == torch.bfloat16 and not rt.plan.compile and not rt.plan.flex_attention
+    assert out[0] == ("Tesla T4 (sm75, 14.8 GiB): bfloat16 (emulated), dense document mask for packed finetuning "
+                      "(FlexAttention needs sm80+), eager (Triton cannot compile bfloat16 before sm80), fused AdamW, "
+                      "SDPA math")
+    assert len(out) == 2 and out[1].startswith("warning: dtype=bfloat16 on Tesla T4 (sm75) is emulated")
+    assert "dtype=auto picks float16" in out[1]
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("torch.compile must not be tried")
+    monkeypatch.setattr(torch, "compile", no_compile)
+    model = tiny()
+    assert runtime.maybe_compile(model, True, rt) is model
+    assert "running eager, Triton cannot compile bfloat16 before sm80" in capsys.readouterr().out
+
+
+def test_without_triton_a_gpu_trains_eager_with_the_dense_mask(monkeypatch, capsys):
+    pretend_gpu(monkeypatch, triton=False)
+    rt = runtime.setup_runtime("cuda")
+    assert not rt.plan.compile and not rt.plan.flex_attention
+    assert ("dense document mask for packed finetuning (Triton is not installed (pip install triton)), "
+            "eager (Triton is not installed") in capsys.readouterr().out
+
+
+def test_a_failed_flexattention_probe_falls_back_to_the_dense_mask_with_a_line(monkeypatch, capsys):
+    """The probe is real: FlexAttention compiled on the CPU has no backward, which it reports in one line."""
+    failure = runtime.flex_attention_failure(torch.device("cpu"), torch.float32, 16)
+    assert failure.startswith("FlexAttention failed a probe (") and "backward" in failure and "\n" not in failure
+    pretend_gpu(monkeypatch)
+    rt = runtime.setup_runtime("cuda")
+    capsys.readouterr()
+    monkeypatch.setattr(runtime, "flex_attention_failure", lambda *args: failure)
+    model = tiny()
+    assert runtime.choose_attention(model, rt) is False and model.use_flex_attention is False
+    assert capsys.readouterr().out == f"packed finetuning: the dense document mask, {failure}\n"
+    assert f"dense document mask for packed finetuning ({failure})" in rt.plan.line()
+
+
+def test_the_model_takes_the_attention_path_it_is_told_for_packed_documents(monkeypatch):
+    """GPT.use_flex_attention reaches document_mask: FlexAttention's block mask or the dense mask, the
+    same loss either way (FlexAttention runs forward only on the CPU); None keeps the CUDA-or-not default."""
+    import model as model_module
+    asked = []
+    real = model_module.document_mask
+    monkeypatch.setattr(model_module, "document_mask", lambda positions, flex=None: asked.append(flex) or real(
+        positions, flex))
+    model = tiny(pos_emb="rope").eval()
+    x = torch.randint(0, 512, (2, 16))
+    positions = torch.tensor([list(range(10)) + list(range(6)), list(range(16))])
+    losses = []
+    for flex in (True, False, None):
+        model.use_flex_attention = flex
+        with torch.no_grad():
+            losses.append(model(x, targets=x, positions=positions)[1].item())
+    assert asked == [True, False, None]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[2] == losses[1]
 
 
 def test_batches_follow_the_model_to_any_device():

@@ -1,10 +1,8 @@
 """The model: causal, trainable, and its cached batched generation matches the plain one."""
-import functools
 
 import pytest
 import torch
 
-import model as model_module
 from data import loss_positions
 from model import GPT, GPTConfig
 
@@ -51,10 +49,10 @@ def test_batch_of_different_lengths_equals_each_prompt_alone(variant):
 
 @pytest.mark.parametrize("flex", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_packed_documents_each_see_only_themselves_from_position_0(variant, flex, monkeypatch):
+def test_packed_documents_each_see_only_themselves_from_position_0(variant, flex):
     # flex=True: FlexAttention's block mask, as on a GPU (on the CPU it runs forward only, unfused)
-    monkeypatch.setattr(model_module, "document_mask", functools.partial(model_module.document_mask, flex=flex))
     model = tiny(**VARIANTS[variant])
+    model.use_flex_attention = flex
     docs = [torch.randint(0, 512, (n,)) for n in (5, 9, 2)]
     positions = torch.cat([torch.arange(len(d)) for d in docs])[None]
     with torch.no_grad():
