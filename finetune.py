@@ -23,7 +23,7 @@ import tasks
 from config import FinetuneConfig, parse_config
 from data import FinetuneMixture, TokenWindows, loss_token_fraction
 from checkpoint import pretrained_model
-from runtime import setup_runtime
+from runtime import choose_attention, setup_runtime
 from trainer import train
 
 
@@ -123,6 +123,8 @@ def main(argv=None):
     # evaluate.py builds its prompts at the data's block size, byte for byte those of finetuning
     extra = {"tasks_version": tasks.TASKS_VERSION, "tasks": names, "init_from": cfg.init_from,
              "data_block_size": data_block_size, "finetune_dir": cfg.finetune_dir}
+    if cfg.isolate_examples:  # packed examples: FlexAttention's block mask where it runs, else the dense mask
+        choose_attention(model, rt)
     train(cfg, model, sources, rt, checkpoint_extra=extra, best_name="model.pt", describe=describe)
     if rt.ddp:
         torch.distributed.destroy_process_group()

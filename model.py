@@ -215,12 +215,13 @@ class GPT(nn.Module):
             n -= self.wpe.weight.numel()
         return n
 
-    def flops_per_token(self, seq_len=None):
+    def flops_per_token(self, seq_len=None, head_fraction=1.0):
         """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores
-        (PaLM appendix B); the embedding lookups are free."""
+        (PaLM appendix B); the embedding lookups are free. With a loss index (finetuning) only
+        head_fraction of the positions go through the output layer."""
         c, T = self.config, seq_len or self.config.block_size
         weights = self.num_params(non_embedding=True) - (0 if c.tie_embeddings else self.wte.weight.numel())
-        return 6 * weights + 12 * c.n_layer * c.n_embd * T
+        return 6 * weights + 12 * c.n_layer * c.n_embd * T - (1 - head_fraction) * 6 * self.lm_head.weight.numel()
 
     def forward(self, idx, targets=None, loss_rows=None, loss_weights=None, positions=None, valid=None,
                 cache=None, all_logits=False):

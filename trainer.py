@@ -48,12 +48,13 @@ def lr_at(it, cfg, base_lr):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (base_lr - min_lr)
 
 
-def build_optimizers(model, cfg, device):
+def build_optimizers(model, cfg, rt):
     """AdamW with weight decay on matrices only; or Muon for the hidden matrices with AdamW for
-    the rest (embeddings, head, norms, biases)."""
+    the rest (embeddings, head, norms, biases). Fused AdamW where the device plan has it (CUDA);
+    Muon's Newton-Schulz compiled on CUDA unless --compile=false."""
     params = [p for p in model.parameters() if p.requires_grad]
     embeds = {id(model.wte.weight), id(model.lm_head.weight)} | ({id(model.wpe.weight)} if model.wpe else set())
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused = {"fused": True} if rt.plan.fused_adamw else {}
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "adamw":
         groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
@@ -67,7 +68,8 @@ def build_optimizers(model, cfg, device):
         adamw = torch.optim.AdamW([{"params": rest_matrices, "weight_decay": cfg.weight_decay},
                                    {"params": vectors, "weight_decay": 0.0}],
                                   lr=cfg.learning_rate, betas=betas, **fused)
-        return [Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay), adamw]
+        return [Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                     compile=None if cfg.compile else False), adamw]
     raise UserError(f"optimizer={cfg.optimizer!r}; choose adamw or muon")
 
 
@@ -213,7 +215,7 @@ class Run:
         self.cfg, self.rt, self.raw_model, self.budget = cfg, rt, model.to(rt.device), budget
         self.extra, self.best_name, self.selection = checkpoint_extra or {}, best_name, selection
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-        self.optimizers = build_optimizers(model, cfg, rt.device)
+        self.optimizers = build_optimizers(model, cfg, rt)
         for opt in self.optimizers:  # the schedule scales each group's own base rate (Muon's differs)
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
@@ -507,10 +509,7 @@ class Throughput:
 
     def __init__(self, cfg, model, rt, head_fraction, start_iter):
         self.tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-        # with a loss mask only head_fraction of the tokens go through the output layer: count just those
-        head_flops = 6 * model.lm_head.weight.numel()
-        self.flops_per_iter = (model.flops_per_token(cfg.block_size) - (1 - head_fraction) * head_flops) \
-            * self.tokens_per_iter
+        self.flops_per_iter = model.flops_per_token(cfg.block_size, head_fraction) * self.tokens_per_iter
         self.peak = peak_flops(rt.device, cfg.peak_flops) * rt.world_size
         self.device = rt.device
         self.t_last, self.last_iter = clock(), start_iter

@@ -118,7 +118,7 @@ class Stepper:
     def __init__(self, fwd_model, model, cfg, rt, batches):
         self.fwd_model, self.model, self.rt, self.batches = fwd_model, model, rt, batches
         self.micro = cfg.gradient_accumulation_steps
-        self.optimizers = trainer.build_optimizers(model, cfg, rt.device)
+        self.optimizers = trainer.build_optimizers(model, cfg, rt)
         self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
         self.i, self.losses = 0, []
 

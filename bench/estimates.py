@@ -23,7 +23,7 @@ and it fits when that stays under memory.MARGIN of the card less CUDA_CONTEXT_GI
 rule). The micro-batch is the largest divisor of the step's sequences that fits. torch.compile
 usually saves less (it recomputes pointwise ops), so compiled runs may fit more.
 
-Hours: training FLOPs (model.flops_per_token per token, the output layer only at loss positions in
+Hours: training FLOPs (model.flops_per_token, the output layer only at loss positions in
 finetuning, plus the periodic validation forwards) over the card's peak times an ASSUMED MFU. Decoding:
 each beam-search step reads the bf16/fp16 weights and the KV cache of every row (prompts x beams,
 evaluate.py's batch) at BANDWIDTH_EFFICIENCY of the card's bandwidth, or takes STEP_OVERHEAD_S of
@@ -50,6 +50,8 @@ import tasks  # noqa: E402
 from common import UserError, run_main  # noqa: E402
 from config import FinetuneConfig, TrainConfig, parse_config  # noqa: E402
 from memory import MARGIN  # noqa: E402
+from plan import configured_tokens_per_step  # noqa: E402
+from scoring import MAX_BATCH_ROWS  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import GPUS, cuda_plan, native_bf16  # noqa: E402
 
@@ -153,12 +155,6 @@ def state_bytes(model, optimizer):
     return 4 * (2 * total + hidden + 2 * (total - hidden))
 
 
-def training_flops_per_token(model, seq_len, head_fraction=1.0):
-    """model.flops_per_token with only head_fraction of the positions through the output layer (as
-    trainer.Throughput counts a finetuning step)."""
-    return model.flops_per_token(seq_len) - (1 - head_fraction) * 6 * model.lm_head.weight.numel()
-
-
 @dataclasses.dataclass
 class Training:
     """A training step of the pipeline, as its config says."""
@@ -169,7 +165,7 @@ class Training:
 
     @property
     def sequences_per_step(self):
-        return self.cfg.batch_size * self.cfg.gradient_accumulation_steps
+        return configured_tokens_per_step(self.cfg) // self.cfg.block_size
 
 
 def training_steps(steps):
@@ -194,13 +190,14 @@ def micro_batch(gpu, model, run, dtype):
     return (max(fitting) if fitting else 0), {"per_sequence": per_seq, "static": static, "budget": budget}
 
 
-def training_hours(gpu, model, run):
-    """Training plus its periodic validation (forward only: a third of the training FLOPs)."""
+def training_hours(gpu, model, run, micro_batch):
+    """Training plus its periodic validation (forward only: a third of the training FLOPs; its batches
+    are micro-batches)."""
     cfg, T = run.cfg, run.cfg.block_size
-    flops_token = training_flops_per_token(model, T, run.loss_fraction or 1.0)
+    flops_token = model.flops_per_token(T, run.loss_fraction or 1.0)
     train = cfg.max_iters * run.sequences_per_step * T * flops_token
     evaluations = cfg.max_iters // cfg.eval_interval + 1
-    validate = evaluations * cfg.eval_iters * run.eval_sources * cfg.batch_size * T * flops_token / 3
+    validate = evaluations * cfg.eval_iters * run.eval_sources * micro_batch * T * flops_token / 3
     return (train + validate) / (gpu.peak_flops * MFU[gpu.label]) / 3600
 
 
@@ -214,12 +211,24 @@ def decode_step_seconds(gpu, model, rows, length, itemsize):
     return max((weights + kv + logits) / (gpu.bandwidth * BANDWIDTH_EFFICIENCY), STEP_OVERHEAD_S)
 
 
+def auto_eval_batch(gpu, model, args, task, prompt, itemsize):
+    """evaluate.py --batch-size auto: the largest power of two of prompts, at most scoring.MAX_BATCH_ROWS
+    rows (prompts x beams), whose weights, KV cache (prompt and new tokens of every row) and fp32 logits
+    stay under memory.MARGIN of the card less its CUDA context."""
+    c, beams = model.config, 1 if task.label_words else args.num_beams
+    length = prompt + (0 if task.label_words else args.max_new_tokens or task.max_new_tokens)
+    per_row = c.n_layer * 2 * length * c.n_embd * itemsize + c.vocab_size * 4 * LOGIT_PASSES
+    budget = MARGIN * (gpu.memory_gib - CUDA_CONTEXT_GIB) * 2 ** 30 - model.num_params() * (4 + itemsize)
+    prompts = max(1, min(MAX_BATCH_ROWS, int(budget // per_row)) // beams)
+    return 2 ** (prompts.bit_length() - 1)
+
+
 def evaluation_hours(gpu, model, args, owt_tokens=0):
     """One evaluate.py run (args: its parsed arguments) over every task, plus the web-text loss."""
     dtype = auto_dtype(gpu)
     itemsize = torch.finfo(dtype).bits // 8
     forward_rate = gpu.peak_flops * MFU[gpu.label]
-    forward_flops = training_flops_per_token(model, model.config.block_size) / 3
+    forward_flops = model.flops_per_token(model.config.block_size) / 3
     seconds = owt_tokens * forward_flops / forward_rate
     for name, task in tasks.TASKS.items():
         n = min(EXAMPLES[name], args.limit or EXAMPLES[name])
@@ -227,13 +236,14 @@ def evaluation_hours(gpu, model, args, owt_tokens=0):
         if prompt is None:
             raise UserError(f"no measured prompt length for {name} with shots={args.shots}: add it to PROMPT_TOKENS "
                             f"in bench/estimates.py (fewshot.build_prompts gives it)")
-        batches = math.ceil(n / args.batch_size)
-        seconds += batches * args.batch_size * prompt * forward_flops / forward_rate
+        batch = args.batch_size if args.batch_size != "auto" else auto_eval_batch(gpu, model, args, task, prompt, itemsize)
+        batches = math.ceil(n / batch)
+        seconds += batches * batch * prompt * forward_flops / forward_rate
         if task.label_words:  # label likelihoods: the prompt forward only
             seconds += batches * STEP_OVERHEAD_S
             continue
         steps = args.max_new_tokens or task.max_new_tokens
-        rows = args.batch_size * args.num_beams
+        rows = batch * args.num_beams
         seconds += batches * sum(decode_step_seconds(gpu, model, rows, prompt + s, itemsize) for s in range(steps))
     return seconds / 3600
 
@@ -250,7 +260,7 @@ def estimate(gpu, preset=PRESET):
            "mfu": MFU[gpu.label], "micro_batch": {}, "memory": {}, "hours": {}}
     for run in runs:
         row["micro_batch"][run.name], row["memory"][run.name] = micro_batch(gpu, model, run, dtype)
-        row["hours"][run.name] = training_hours(gpu, model, run)
+        row["hours"][run.name] = training_hours(gpu, model, run, max(1, row["micro_batch"][run.name]))
     owt_tokens = pipe.owt_max_tokens * pipe.owt_val_fraction
     for name, argv in steps.items():
         if name.startswith("evaluate"):

@@ -19,5 +19,4 @@ replay_fraction = 0.1
 eval_interval = 250
 eval_iters = 50
 log_interval = 10
-dtype = "bfloat16"
 compile = True

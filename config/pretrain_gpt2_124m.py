@@ -25,5 +25,4 @@ grad_clip = 1.0
 eval_interval = 500
 eval_iters = 200
 log_interval = 10
-dtype = "bfloat16"
 compile = True

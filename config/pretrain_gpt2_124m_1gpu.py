@@ -32,5 +32,4 @@ weight_decay = 0.1
 eval_interval = 500
 eval_iters = 100
 log_interval = 10
-dtype = "bfloat16"
 compile = True

@@ -75,8 +75,8 @@ def test_more_memory_never_fits_a_smaller_micro_batch_and_faster_cards_take_fewe
                    for gib in (4, 8, 15, 24, 48, 96, 192)]
         assert batches == sorted(batches) and batches[0] < batches[-1] == run.sequences_per_step
         hours = estimates["training_hours"]
-        assert hours(dataclasses.replace(t4, peak_flops=2 * t4.peak_flops), model, run) == pytest.approx(
-            hours(t4, model, run) / 2)
+        assert hours(dataclasses.replace(t4, peak_flops=2 * t4.peak_flops), model, run, 8) == pytest.approx(
+            hours(t4, model, run, 8) / 2)
     args = estimates["evaluate"].parse_args(steps["evaluate"])
     evaluation = [estimates["evaluation_hours"](dataclasses.replace(t4, bandwidth=bw), model, args)
                   for bw in (0.1e12, 0.3e12, 1e12, 3e12)]

@@ -282,7 +282,7 @@ def test_under_ddp_the_compiled_module_wraps_ddp(monkeypatch):
             self.module = module
 
     monkeypatch.setattr(trainer, "DDP", FakeDDP)
-    monkeypatch.setattr(runtime, "compile_blocker", lambda device: None)  # nothing compiles until called
+    monkeypatch.setattr(runtime, "compile_blocker", lambda *device_and_dtype: None)  # nothing compiles until called
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=64))
     rt = Runtime(torch.device("cpu"), rank=0, world_size=2)
     trained, evaluated = trainer.wrap_for_training(model, rt, compile_wanted=True)
