@@ -161,19 +161,25 @@ class FinetuneMixture:
 
 class RandomTokens:
     """Stand-in batches of random tokens, for benchmarks (speed does not depend on the tokens).
-    loss_fraction > 0 gives finetuning-shaped batches: that share of each row, at its end, carries loss."""
+    loss_fraction > 0 gives finetuning-shaped batches: that share of each document, at its end, carries
+    loss; documents > 1 packs each row with that many documents of equal length, each attending only
+    to itself (the batch carries their positions, as FinetuneMixture's do)."""
 
-    def __init__(self, block_size, batch_size, seed, loss_fraction=0.0):
+    def __init__(self, block_size, batch_size, seed, loss_fraction=0.0, documents=1):
         self.block_size, self.batch_size, self.seed, self.loss_fraction = block_size, batch_size, seed, loss_fraction
+        self.documents = documents
 
     def batch(self, step, micro_step):
         rng = batch_rng(self.seed, step, micro_step)
         rows = torch.from_numpy(rng.integers(0, 50257, size=(self.batch_size, self.block_size + 1)))
         if not self.loss_fraction:
             return inputs_and_targets(rows) + (None, None, None)
-        mask = np.zeros((self.batch_size, self.block_size), dtype=bool)
-        mask[:, int(self.block_size * (1 - self.loss_fraction)):] = True
-        return inputs_and_targets(rows) + loss_positions(mask) + (None,)
+        length = -(-self.block_size // self.documents)
+        position = np.arange(self.block_size) % length  # restarts at 0 in each document
+        size = np.minimum(length, self.block_size - np.arange(self.block_size) // length * length)
+        mask = np.broadcast_to(position >= size * (1 - self.loss_fraction), (self.batch_size, self.block_size))
+        positions = torch.from_numpy(position).expand(self.batch_size, -1).contiguous() if self.documents > 1 else None
+        return inputs_and_targets(rows) + loss_positions(mask) + (positions,)
 
 
 LOSS_BUCKET = 256  # loss indices are padded to a multiple of this: a compiled model sees few shapes
