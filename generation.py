@@ -44,22 +44,29 @@ def _new_cache(model, batch_size, max_len):
 
 class StaticKVCache(KVCache):
     """A KVCache whose one-token steps all have the same shapes and addresses, as torch.compile
-    (no recompiling) and CUDA graphs (replaying) need: every row holds block_size positions, a
-    step writes at `slot`, a device tensor, and attends to all positions, masking those that
-    hold no token (`valid`). It takes over a prefilled KVCache (load); `length` is `slot` on the
-    host, for reorder."""
+    (no recompiling) and CUDA graphs (replaying) need: a step writes at `slot`, a device tensor,
+    and attends to every position, masking those that hold no token (`valid`). It takes over a
+    prefilled KVCache (load); `length` is `slot` on the host, for reorder. A call uses the first
+    multiple of 64 positions that holds its tokens (a view of the buffers at the same address), so
+    a short prompt does not attend over the whole block."""
 
     def __init__(self, config, rows, device, dtype, compiled, cuda_graphs):
-        super().__init__(config, rows, config.block_size, device, dtype)
+        # 64 positions more than a view can use: a view is never contiguous, which would compile again
+        super().__init__(config, rows, config.block_size + 64, device, dtype)
+        self.buffers = self.k, self.v, self.valid
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         self.layer = torch.arange(config.n_layer, device=device)  # a tensor index writes in place
         self.compiled, self.cuda_graphs = compiled, cuda_graphs
-        if cuda_graphs:  # replays read these at the addresses they were recorded with
-            for buffer in (self.k, self.v, self.valid, self.slot, self.layer):
-                torch._dynamo.mark_static_address(buffer)
 
     def load(self, cache, rows=None):
-        """Hold what `cache` holds (row rows[i] of it as row i, if given), ready for step."""
+        """Hold what `cache` holds (row rows[i] of it as row i, if given), ready for step; room
+        for as many positions as `cache` has."""
+        k, v, valid = self.buffers
+        size = -(-cache.k.size(3) // 64) * 64
+        self.k, self.v, self.valid = k[:, :, :, :size], v[:, :, :, :size], valid[:, :size]
+        if self.cuda_graphs:  # replays read these at the addresses they were recorded with
+            for buffer in (self.k, self.v, self.valid, self.slot, self.layer):
+                torch._dynamo.mark_static_address(buffer)
         rows = slice(None) if rows is None else rows
         n = self.length = cache.length
         self.k[:, :, :, :n] = cache.k[:, rows, :, :n]
