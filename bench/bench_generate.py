@@ -2,10 +2,10 @@
 batched beam search (beam), eager vs compiled decoding (compiled), and the wall time of a
 whole-split evaluation (eval).
 
-The model has the CPU preset's shape (n_layer 4, n_head 4, n_embd 256, block_size 512) with
-random weights (speed does not depend on them). Each prompt has --prompt-len tokens and is
-continued by exactly --new-tokens greedy tokens (no stop token), so both paths do the same
-work; the cache path feeds one token per step, the other re-runs the whole sequence.
+The model has the CPU preset's shape (n_layer 4, n_head 4, n_embd 256, block_size 512), or with
+--shape gpt2 GPT-2 124M's, with random weights (speed does not depend on them). Each prompt has
+--prompt-len tokens and is continued by exactly --new-tokens greedy tokens (no stop token), so
+both paths do the same work; the cache path feeds one token per step, the other re-runs the whole sequence.
 Times are the median of --repeats runs; both paths must produce the same tokens.
 
 Beam part: --num-beams beams (n-gram blocking 3, as the gpu preset evaluates) over prompts of
@@ -20,14 +20,15 @@ stop token so that every run takes all its steps; tokens/s count prompts x new t
 call of each shape is timed apart (it compiles); both must give the same tokens.
 
 Eval part: scoring.evaluate_task on each task's scored split, greedy and with --eval-beams
-beams (n-gram blocking 3), with --ckpt or else random weights in the CPU preset's shape (never
+beams (n-gram blocking 3), with --ckpt or else random weights of --shape (never
 an EOT, so every example generates the task's whole max_new_tokens: an upper bound). All of a
 split, or the first --limit examples extrapolated to the whole split (reported as an
 estimate); --per-prompt-too also times beam runs with the one-prompt-at-a-time search.
 
     python bench/bench_generate.py                      # one thread, as the numbers in the docs
     python bench/bench_generate.py --parts beam --repeats 3
-    python bench/bench_generate.py --parts compiled --batch-sizes 1 16 --beam-batch-sizes 16
+    python bench/bench_generate.py --parts compiled --repeats 3
+    python bench/bench_generate.py --parts compiled --device cuda --shape gpt2 --cuda-graphs   # on a GPU
     python bench/bench_generate.py --parts eval --data-root ../shared/data --limit 32 --per-prompt-too
 Writes out/bench/generate.json.
 """
@@ -52,6 +53,10 @@ from checkpoint import load_model  # noqa: E402
 from runtime import setup_runtime  # noqa: E402
 
 
+SHAPES = {"cpu": dict(block_size=512, n_layer=4, n_head=4, n_embd=256),
+          "gpt2": dict(block_size=1024, n_layer=12, n_head=12, n_embd=768)}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -62,11 +67,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--parts", nargs="+", default=["cache", "beam"], choices=["cache", "beam", "compiled", "eval"])
     p.add_argument("--cuda-graphs", action="store_true", help="compiled: also CUDA graphs (mode reduce-overhead)")
+    p.add_argument("--shape", default="cpu", choices=list(SHAPES),
+                   help="the random-weight model's shape: the CPU preset's or GPT-2 124M's (the gpu preset's)")
     p.add_argument("--num-beams", type=int, default=4)
     p.add_argument("--beam-batch-sizes", type=int, nargs="+", default=[16, 64])
     p.add_argument("--beam-prompt-len", type=int, default=128)
     p.add_argument("--beam-new-tokens", type=int, default=32)
-    p.add_argument("--ckpt", help="eval: a finetuned checkpoint (default: random weights, CPU preset shape)")
+    p.add_argument("--ckpt", help="eval: a finetuned checkpoint (default: random weights of --shape)")
     p.add_argument("--data-root", help="eval: local task data (default: the hub)")
     p.add_argument("--tasks", nargs="+", default=["all"], help="eval: tasks to time")
     p.add_argument("--eval-beams", type=int, nargs="+", default=[1, 4], help="eval: 1 is greedy")
@@ -90,7 +97,7 @@ def time_generate(model, prompts, new_tokens, use_cache, repeats):
 
 def bench_cache(args, device):
     print(f"cache: {args.new_tokens} new tokens after {args.prompt_len}-token prompts")
-    model = cpu_model(device)
+    model = bench_model(device, args.shape)
     if args.prompt_len + args.new_tokens > model.config.block_size:
         raise UserError(f"--prompt-len + --new-tokens must fit block_size {model.config.block_size}")
     rows = []
@@ -110,18 +117,18 @@ def bench_cache(args, device):
               f"{row['no_cache_tokens_per_s']:>9.1f} tok/s   speed-up {row['speedup']:.1f}x   "
               f"same tokens: {row['same_tokens']}", flush=True)
         rows.append(row)
-    return {"model": {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 512, "weights": "random"},
-            "repeats": args.repeats, "runs": rows}
+    return {"model": {"shape": args.shape, **SHAPES[args.shape], "weights": "random"}, "repeats": args.repeats,
+            "runs": rows}
 
 
-def cpu_model(device):
+def bench_model(device, shape="cpu"):
     torch.manual_seed(0)
-    return GPT(GPTConfig(block_size=512, n_layer=4, n_head=4, n_embd=256)).to(device).eval()
+    return GPT(GPTConfig(**SHAPES[shape])).to(device).eval()
 
 
 def bench_beam(args, device):
     """Per-prompt vs batched beam search on the same prompts, alternated so both see the same load."""
-    model, gen = cpu_model(device), torch.Generator().manual_seed(0)
+    model, gen = bench_model(device, args.shape), torch.Generator().manual_seed(0)
     search = dict(num_beams=args.num_beams, max_new_tokens=args.beam_new_tokens, no_repeat_ngram_size=3)
     rows = []
     for batch in args.beam_batch_sizes:
@@ -149,7 +156,7 @@ def bench_beam(args, device):
 
 def bench_compiled(args, device):
     """Eager against compiled decoding, greedy and beam search, on the same prompts, alternated."""
-    eager, gen = cpu_model(device), torch.Generator().manual_seed(0)
+    eager, gen = bench_model(device, args.shape), torch.Generator().manual_seed(0)
     if args.prompt_len + args.new_tokens > eager.config.block_size:
         raise UserError(f"--prompt-len + --new-tokens must fit block_size {eager.config.block_size}")
     fast = compile_decoding(copy.deepcopy(eager), cuda_graphs=args.cuda_graphs)
@@ -204,7 +211,7 @@ def time_eval(model, enc, task, rows, settings, rt, search=None):
 def bench_eval(args, device):
     """Decoding time of each task's scored split, extrapolated from --limit examples."""
     rt = setup_runtime(args.device, num_threads=args.threads)
-    model = load_model(args.ckpt, rt.device)[0] if args.ckpt else cpu_model(rt.device)
+    model = load_model(args.ckpt, rt.device)[0] if args.ckpt else bench_model(rt.device, args.shape)
     enc, runs = get_tokenizer(), []
     for task in tasks.task_list(",".join(args.tasks)):
         name, split = task.name, task.eval_splits[0]
@@ -230,7 +237,7 @@ def bench_eval(args, device):
         total = sum(r["full_split_seconds"] for r in runs if (r["num_beams"] == beams or r["labels_scored"])
                     and r["search"] == "batched")
         print(f"all tasks, {'greedy' if beams == 1 else f'beam {beams}'}: {total / 60:.1f} min")
-    return {"checkpoint": args.ckpt or "random weights, CPU preset shape", "batch_size": args.batch_size,
+    return {"checkpoint": args.ckpt or f"random weights, {args.shape} shape", "batch_size": args.batch_size,
             "runs": runs}
 
 
