@@ -15,7 +15,7 @@ Only GPT-2's 50257 real tokens are ever predicted (the embedding's padding rows 
 
 compile_decoding(model) makes GPT.generate, batched_beam_search and constrained_span_decode run
 each step after the prompt's as one compiled call over a StaticKVCache (the prompt itself stays
-eager): the same shapes every step, so it compiles once per batch shape, not once per step.
+eager): the same shapes every step, so it compiles once or twice in all, not once a step.
 """
 import copy
 
@@ -44,29 +44,22 @@ def _new_cache(model, batch_size, max_len):
 
 class StaticKVCache(KVCache):
     """A KVCache whose one-token steps all have the same shapes and addresses, as torch.compile
-    (no recompiling) and CUDA graphs (replaying) need: a step writes at `slot`, a device tensor,
-    and attends to every position, masking those that hold no token (`valid`). It takes over a
-    prefilled KVCache (load); `length` is `slot` on the host, for reorder. A call uses the first
-    multiple of 64 positions that holds its tokens (a view of the buffers at the same address), so
-    a short prompt does not attend over the whole block."""
+    (no recompiling) and CUDA graphs (replaying) need: every row holds block_size positions, a
+    step writes at `slot`, a device tensor, and attends to all positions, masking those that
+    hold no token (`valid`). It takes over a prefilled KVCache (load); `length` is `slot` on the
+    host, for reorder."""
 
     def __init__(self, config, rows, device, dtype, compiled, cuda_graphs):
-        # 64 positions more than a view can use: a view is never contiguous, which would compile again
-        super().__init__(config, rows, config.block_size + 64, device, dtype)
-        self.buffers = self.k, self.v, self.valid
+        super().__init__(config, rows, config.block_size, device, dtype)
         self.slot = torch.zeros((), dtype=torch.long, device=device)
         self.layer = torch.arange(config.n_layer, device=device)  # a tensor index writes in place
         self.compiled, self.cuda_graphs = compiled, cuda_graphs
-
-    def load(self, cache, rows=None):
-        """Hold what `cache` holds (row rows[i] of it as row i, if given), ready for step; room
-        for as many positions as `cache` has."""
-        k, v, valid = self.buffers
-        size = -(-cache.k.size(3) // 64) * 64
-        self.k, self.v, self.valid = k[:, :, :, :size], v[:, :, :, :size], valid[:, :size]
-        if self.cuda_graphs:  # replays read these at the addresses they were recorded with
+        if cuda_graphs:  # replays read these at the addresses they were recorded with
             for buffer in (self.k, self.v, self.valid, self.slot, self.layer):
                 torch._dynamo.mark_static_address(buffer)
+
+    def load(self, cache, rows=None):
+        """Hold what `cache` holds (row rows[i] of it as row i, if given), ready for step."""
         rows = slice(None) if rows is None else rows
         n = self.length = cache.length
         self.k[:, :, :, :n] = cache.k[:, rows, :, :n]
@@ -125,9 +118,9 @@ class CompiledDecoding:
 def compile_decoding(model, cuda_graphs=False):
     """Decode with compiled steps from now on: GPT.generate, batched_beam_search and
     constrained_span_decode run the prompt eagerly as before, then each new token is one call of a
-    compiled function over a StaticKVCache, compiled once per number of rows (the first call of a
-    new one takes seconds to a minute). Beam search then keeps a finished prompt's rows instead of
-    dropping them (a new number of rows would compile again). cuda_graphs: also record the step as
+    compiled function over a StaticKVCache. It compiles for the first number of rows, and once more
+    for any other (dynamic shapes); each takes seconds to a minute. Beam search then keeps a
+    finished prompt's rows instead of dropping them (a new shape every step would cost more). cuda_graphs: also record the step as
     a CUDA graph (torch.compile's mode="reduce-overhead"), which removes the kernel launches' cost.
     The tokens equal eager decoding's up to float rounding (a near-tie can flip). Returns model;
     model.compiled_decoding = None turns it off."""
