@@ -119,10 +119,11 @@ def compile_decoding(model, cuda_graphs=False):
     """Decode with compiled steps from now on: GPT.generate, batched_beam_search and
     constrained_span_decode run the prompt eagerly as before, then each new token is one call of a
     compiled function over a StaticKVCache. It compiles for the first number of rows, and once more
-    for any other (dynamic shapes); each takes seconds to a minute. Beam search then keeps a
-    finished prompt's rows instead of dropping them (a new shape every step would cost more). cuda_graphs: also record the step as
-    a CUDA graph (torch.compile's mode="reduce-overhead"), which removes the kernel launches' cost.
-    The tokens equal eager decoding's up to float rounding (a near-tie can flip). Returns model;
+    for all others (dynamic shapes); each takes seconds to a minute. Beam search then keeps a
+    finished prompt's rows instead of dropping them: fewer rows would be another shape, so another
+    CUDA graph to record. cuda_graphs: also record the step as a CUDA graph (torch.compile's
+    mode="reduce-overhead"), which replays it with one launch instead of hundreds. The tokens are
+    eager decoding's up to float rounding (a near-tie can flip). Returns model;
     model.compiled_decoding = None turns it off."""
     getattr(model, "_orig_mod", model).compiled_decoding = CompiledDecoding(cuda_graphs)
     return model
