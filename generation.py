@@ -12,6 +12,10 @@ scoring. All of them keep the prefix in a KVCache and feed only new tokens.
   contiguous token span of the context (any start), and EOT once one token is out.
 - label_logprobs: sum of log p(label tokens | prompt) for each candidate label.
 Only GPT-2's 50257 real tokens are ever predicted (the embedding's padding rows are not).
+
+compile_decoding(model) makes GPT.generate, batched_beam_search and constrained_span_decode run
+each step after the prompt's as one compiled call over a StaticKVCache (the prompt itself stays
+eager): the same shapes every step, so it compiles once or twice in all, not once a step.
 """
 import copy
 
@@ -36,6 +40,102 @@ def decode_text(enc, tokens):
 
 def _new_cache(model, batch_size, max_len):
     return KVCache(model.config, batch_size, max_len, model.wte.weight.device)
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose one-token steps all have the same shapes and addresses, as torch.compile
+    (no recompiling) and CUDA graphs (replaying) need: every row holds block_size positions, a
+    step writes at `slot`, a device tensor, and attends to all positions, masking those that
+    hold no token (`valid`). It takes over a prefilled KVCache (load); `length` is `slot` on the
+    host, for reorder."""
+
+    def __init__(self, config, rows, device, dtype, compiled, cuda_graphs):
+        super().__init__(config, rows, config.block_size, device, dtype)
+        self.slot = torch.zeros((), dtype=torch.long, device=device)
+        self.layer = torch.arange(config.n_layer, device=device)  # a tensor index writes in place
+        self.compiled, self.cuda_graphs = compiled, cuda_graphs
+        if cuda_graphs:  # replays read these at the addresses they were recorded with
+            for buffer in (self.k, self.v, self.valid, self.slot, self.layer):
+                torch._dynamo.mark_static_address(buffer)
+
+    def load(self, cache, rows=None):
+        """Hold what `cache` holds (row rows[i] of it as row i, if given), ready for step."""
+        rows = slice(None) if rows is None else rows
+        n = self.length = cache.length
+        self.k[:, :, :, :n] = cache.k[:, rows, :, :n]
+        self.v[:, :, :, :n] = cache.v[:, rows, :, :n]
+        self.valid.zero_()
+        self.valid[:, :n] = cache.valid[rows, :n]
+        self.slot.fill_(n)
+        return self
+
+    def update(self, layer, k, v):
+        # an index_put into the whole buffer: written through a view (k[layer]), inductor would
+        # copy the whole layer every step
+        where = (self.layer[layer:layer + 1], slice(None), slice(None), self.slot.view(1))
+        self.k[where], self.v[where] = k.permute(2, 0, 1, 3), v.permute(2, 0, 1, 3)  # (1, B, n_head, head_dim)
+        return self.k[layer], self.v[layer]
+
+    def step(self, model, tokens, positions):
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self.compiled(model, self, tokens, positions)
+        self.slot += 1
+        self.length += 1
+        return logits.clone() if self.cuda_graphs else logits  # the next replay overwrites its output
+
+
+def _static_step(model, cache, tokens, positions):
+    """GPT.forward's cached step for one token per row over a StaticKVCache (what is compiled)."""
+    x, rope = model.embed(tokens, positions)
+    cache.valid[:, cache.slot.view(1)] = True
+    mask = cache.valid[:, None, None, :]  # the new token sees every position that holds a token
+    x = model.drop(x)
+    for layer, block in enumerate(model.blocks):
+        x = block(x, rope, mask, cache, layer)
+    return model.lm_head(model.ln_f(x))[:, -1]
+
+
+class CompiledDecoding:
+    """What compile_decoding attaches to a model: the compiled step and a StaticKVCache for each
+    number of rows and dtype, kept for the model's lifetime so that their addresses stay fixed."""
+
+    def __init__(self, cuda_graphs=False):
+        self.cuda_graphs = cuda_graphs
+        self.step = torch.compile(_static_step, fullgraph=True, mode="reduce-overhead" if cuda_graphs else None)
+        self.caches = {}
+
+    def static_cache(self, model, cache, rows=None):
+        """A StaticKVCache holding what the prefilled `cache` holds (row rows[i] of it as row i)."""
+        n_rows = cache.k.size(1) if rows is None else len(rows)
+        key = (n_rows, cache.k.dtype, cache.k.device)
+        if key not in self.caches:
+            self.caches[key] = StaticKVCache(model.config, n_rows, cache.k.device, cache.k.dtype, self.step,
+                                             self.cuda_graphs)
+        return self.caches[key].load(cache, rows)
+
+
+def compile_decoding(model, cuda_graphs=False):
+    """Decode with compiled steps from now on: GPT.generate, batched_beam_search and
+    constrained_span_decode run the prompt eagerly as before, then each new token is one call of a
+    compiled function over a StaticKVCache. It compiles for the first number of rows, and once more
+    for all others (dynamic shapes); each takes seconds to a minute. Beam search then keeps a
+    finished prompt's rows instead of dropping them: fewer rows would be another shape, so another
+    CUDA graph to record. cuda_graphs: also record the step as a CUDA graph (torch.compile's
+    mode="reduce-overhead"), which replays it with one launch instead of hundreds. The tokens are
+    eager decoding's up to float rounding (a near-tie can flip). Returns model;
+    model.compiled_decoding = None turns it off."""
+    getattr(model, "_orig_mod", model).compiled_decoding = CompiledDecoding(cuda_graphs)
+    return model
+
+
+def _decoding_cache(model, cache, rows=None):
+    """The cache that one-token steps continue from a prefilled `cache` (row rows[i] of it as row i)."""
+    if model.compiled_decoding is not None:
+        return model.compiled_decoding.static_cache(model, cache, rows)
+    if rows is not None:
+        cache.reorder(rows)
+    return cache
 
 
 def _banned_ngram_tokens(tokens, n):
@@ -109,8 +209,8 @@ def _ban_repeated_ngrams(logp, generated, n):
     repeats = (windows[..., :-1] == generated[:, None, generated.size(1) - n + 1:]).all(-1)
     # min with +inf leaves a token as it is: a token that also ends a window that does not
     # repeat is still banned (a plain scatter would let either window win)
-    inf = torch.tensor(float("inf"), device=logp.device)
-    return logp.scatter_reduce_(1, windows[..., -1], torch.where(repeats, -inf, inf), reduce="amin")
+    bans = torch.where(repeats, -float("inf"), float("inf"))  # not torch.tensor(inf): a host copy syncs
+    return logp.scatter_reduce_(1, windows[..., -1], bans, reduce="amin")
 
 
 class _Finished:
@@ -163,8 +263,8 @@ def batched_beam_search(model, prompts, num_beams, max_new_tokens, length_penalt
     """beam_search of many prompts at once, with the same result for each. The prompts go
     through the model once, left-padded; then each has num_beams rows (prompt-major) and every
     step is one forward of all rows. Beams, finished hypotheses and n-gram blocking stay on the
-    device; a prompt whose search is over leaves the batch. Host syncs: which prompts are done,
-    and which cache rows move, once a step."""
+    device; a prompt whose search is over leaves the batch (with compile_decoding its rows stay,
+    ignored: the step's shapes never change). One host sync a step: which prompts are still on."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     device, nb = model.wte.weight.device, num_beams
@@ -176,40 +276,45 @@ def batched_beam_search(model, prompts, num_beams, max_new_tokens, length_penalt
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     cache = _new_cache(model, N, P + max_new_tokens)
     logits, _ = model(idx, positions=positions, valid=valid, cache=cache)
-    cache.reorder(torch.arange(N, device=device).repeat_interleave(nb))
+    cache = _decoding_cache(model, cache, torch.arange(N, device=device).repeat_interleave(nb))
+    keep_rows = model.compiled_decoding is not None
     logits, last_pos = logits[:, -1].repeat_interleave(nb, 0), positions[:, -1:].repeat_interleave(nb, 0)
     scores = torch.full((N, nb), -float("inf"), device=device)
     scores[:, 0] = 0.0  # one live beam to start: the prompt itself
     generated = torch.zeros(N * nb, max_new_tokens, dtype=torch.long, device=device)
     finished, active = _Finished(N, nb, max_new_tokens, device), torch.arange(N, device=device)
+    over = torch.zeros(N, dtype=torch.bool, device=device)  # a search that is over adds nothing more
     beam = torch.arange(nb, device=device)
     for step in range(max_new_tokens):
         n, norm = len(active), (step + 1) ** length_penalty
         logp = _ban_repeated_ngrams(token_logprobs(logits), generated[:, :step], no_repeat_ngram_size)
         top, flat, ends, order, keep = _next_beams((scores.view(-1, 1) + logp).view(n, -1), nb, stop)
         rows = torch.arange(n, device=device)[:, None] * nb + flat // logp.size(1)
-        finished.add(active, torch.where(ends, top[:, :nb].double() / norm, -float("inf")),
+        finished.add(active, torch.where(ends & ~over[:, None], top[:, :nb].double() / norm, -float("inf")),
                      generated[rows[:, :nb]], step)
         scores = torch.where(keep, top.gather(1, order), -float("inf"))
         rows, tokens = rows.gather(1, order).view(-1), (flat % logp.size(1)).gather(1, order).view(-1)
         generated = generated[rows]
         generated[:, step] = tokens
         if step == max_new_tokens - 1:  # the live beams end here
-            live = torch.where(keep, scores.double() / norm, -float("inf"))
+            live = torch.where(keep & ~over[:, None], scores.double() / norm, -float("inf"))
             finished.add(active, live, generated.view(n, nb, -1), step + 1)
             break
         worst = finished.score[active, -1]  # num_beams finished and no live beam beats them
-        done = ~keep[:, 0] | ((worst > -float("inf")) & (worst >= scores[:, 0].double() / norm))
-        running = (~done).nonzero().squeeze(1)
-        if len(running) == 0:
-            break
-        if len(running) < n:
-            kept = (running[:, None] * nb + beam).view(-1)
-            active, scores, rows, tokens = active[running], scores[running], rows[kept], tokens[kept]
-            generated, last_pos = generated[kept], last_pos[kept]
+        over |= ~keep[:, 0] | ((worst > -float("inf")) & (worst >= scores[:, 0].double() / norm))
+        if keep_rows:
+            if over.all():
+                break
+        else:
+            running = (~over).nonzero().squeeze(1)
+            if len(running) == 0:
+                break
+            if len(running) < n:
+                kept = (running[:, None] * nb + beam).view(-1)
+                active, scores, over = active[running], scores[running], over[running]
+                rows, tokens, generated, last_pos = rows[kept], tokens[kept], generated[kept], last_pos[kept]
         cache.reorder(rows, start=P)  # a prompt's beams share its keys: only generated ones move
-        logits, _ = model(tokens.view(-1, 1), positions=last_pos + step + 1, cache=cache)
-        logits = logits[:, -1]
+        logits = cache.step(model, tokens.view(-1, 1), last_pos + step + 1)
     return finished.best()
 
 
@@ -232,6 +337,7 @@ def constrained_span_decode(model, prompts, contexts_ids, max_new_tokens):
     starts = [np.arange(len(c)) for c in contexts]  # span starts that agree with the output so far
     out, done = [[] for _ in range(B)], [max_new_tokens <= 0] * B
     logits, _ = model(idx, positions=positions, valid=valid, cache=cache)
+    logits, cache = logits[:, -1], _decoding_cache(model, cache)
     for step in range(max_new_tokens):
         allowed = torch.zeros(B, min(logits.size(-1), GPT2_VOCAB), dtype=torch.bool)
         for row in range(B):
@@ -241,7 +347,7 @@ def constrained_span_decode(model, prompts, contexts_ids, max_new_tokens):
             nxt = starts[row] + step
             allowed[row, np.unique(contexts[row][nxt[nxt < len(contexts[row])]])] = True
             allowed[row, EOT] = step > 0
-        scores = logits[:, -1, :allowed.size(1)].float().masked_fill(~allowed.to(device), -float("inf"))
+        scores = logits[:, :allowed.size(1)].float().masked_fill(~allowed.to(device), -float("inf"))
         choice = scores.argmax(-1)
         for row, token in enumerate(choice.tolist()):
             if done[row]:
@@ -254,7 +360,7 @@ def constrained_span_decode(model, prompts, contexts_ids, max_new_tokens):
             starts[row] = starts[row][(nxt < len(ctx)) & (ctx[np.minimum(nxt, len(ctx) - 1)] == token)]
         if all(done):
             break
-        logits, _ = model(choice[:, None], positions=positions[:, -1:] + step + 1, cache=cache)
+        logits = cache.step(model, choice[:, None], positions[:, -1:] + step + 1)
     return out
 
 

@@ -91,9 +91,10 @@ class KVCache:
 
     def reorder(self, rows, start=0):
         """Row i becomes row rows[i] (beam search keeps, drops and duplicates beams). Only the
-        positions [start, length) of the rows that change are copied: not the preallocated tail,
-        nor a prompt that the beams share (start = its length). A new number of rows gets new
-        tensors of the same max_len, filled from position 0."""
+        positions [start, length) are copied: not the preallocated tail, nor a prompt that the
+        beams share (start = its length). Every row is copied, also one that stays: finding the
+        ones that move would cost a host sync. A new number of rows gets new tensors of the same
+        max_len, filled from position 0."""
         n = self.length
         if len(rows) != self.k.size(1):
             k, v, valid = self.k[:, rows, :, :n], self.v[:, rows, :, :n], self.valid[rows, :n]
@@ -102,12 +103,14 @@ class KVCache:
             self.valid = self.valid.new_zeros(len(rows), self.valid.size(1))
             self.k[:, :, :, :n], self.v[:, :, :, :n], self.valid[:, :n] = k, v, valid
             return
-        # most beams continue their own row: those stay where they are (one host sync)
-        moved = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
-        src = rows[moved]
-        self.k[:, moved, :, start:n] = self.k[:, src, :, start:n]
-        self.v[:, moved, :, start:n] = self.v[:, src, :, start:n]
-        self.valid[moved, start:n] = self.valid[src, start:n]
+        self.k[:, :, :, start:n] = self.k[:, rows, :, start:n]
+        self.v[:, :, :, start:n] = self.v[:, rows, :, start:n]
+        self.valid[:, start:n] = self.valid[rows, start:n]
+
+    def step(self, model, tokens, positions):
+        """Logits (B, vocab) of one new token per row (tokens and positions (B, 1)), which joins
+        the cache. generation.StaticKVCache runs the same step compiled."""
+        return model(tokens, positions=positions, cache=self)[0][:, -1]
 
 
 class CausalSelfAttention(nn.Module):
@@ -197,6 +200,7 @@ class GPT(nn.Module):
             inv_freq = config.rope_base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
             self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.apply(self._init_weights)
+        self.compiled_decoding = None  # generation.compile_decoding(model) sets it: generate's steps compiled
 
     def _init_weights(self, module):
         # GPT-2 init; residual projections scaled by 1/sqrt(2 * n_layer) so the residual
@@ -240,14 +244,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
-        x = self.wte(idx)
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
-        rope = None
-        if self.wpe is None:
-            angles = positions[..., None].float() * self.inv_freq  # (B, T, head_dim / 2)
-            rope = (angles.cos()[:, None], angles.sin()[:, None])
-        mask = document_mask(positions, self.use_flex_attention) if packed else self._attention_mask(valid, cache, start, T, idx.device)
+        x, rope = self.embed(idx, positions)
+        mask = document_mask(positions, self.use_flex_attention) if packed else \
+            self._attention_mask(valid, cache, start, T, idx.device)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, i)
@@ -263,6 +262,14 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         # the logits are not returned: at 32 x 1024 tokens they are gigabytes the caller would keep alive
         return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def embed(self, idx, positions):
+        """Token embeddings (plus learned position embeddings), and RoPE's (cos, sin) or None."""
+        x = self.wte(idx)
+        if self.wpe is not None:
+            return x + self.wpe(positions), None
+        angles = positions[..., None].float() * self.inv_freq  # (B, T, head_dim / 2)
+        return x, (angles.cos()[:, None], angles.sin()[:, None])
 
     @staticmethod
     def _attention_mask(valid, cache, start, T, device):
@@ -291,32 +298,35 @@ class GPT(nn.Module):
         """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens.
         temperature 0 is greedy. Returns the new tokens of each prompt, without the stop token.
         The prompts are left-padded into one batch; the KV cache means each step feeds only the
-        newest token."""
+        newest token (one compiled call after generation.compile_decoding(model)). One host sync
+        a step: whether every row has stopped."""
         device = self.wte.weight.device
         idx, valid, positions = left_pad(prompts, device)
         self.check_room(idx.size(1), max_new_tokens)
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
         cache = KVCache(self.config, len(prompts), idx.size(1) + max_new_tokens, device) if use_cache else None
+        logits = self(idx, positions=positions, valid=valid, cache=cache)[0][:, -1]
+        if cache is not None and self.compiled_decoding is not None:
+            cache = self.compiled_decoding.static_cache(self, cache)
         stop = torch.tensor(list(stop_tokens), device=device)
         done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-        out = []
-        step_idx, step_pos, step_valid = idx, positions, valid
-        for _ in range(max_new_tokens):
-            logits, _ = self(step_idx, positions=step_pos, valid=step_valid, cache=cache)
-            token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            token = torch.where(done, torch.full_like(token, EOT), token)
-            out.append(token)
-            done |= torch.isin(token, stop)
-            if done.all():
+        out, last_pos = [], positions[:, -1:]
+        while True:
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            out.append(torch.where(done, torch.full_like(token, EOT), token))
+            done |= torch.isin(token, stop)  # a done row feeds its own token on: EOT is no id of a small vocab
+            if len(out) == max_new_tokens or done.all():
                 break
-            next_pos = positions[:, -1:] + len(out)
-            if use_cache:
-                step_idx, step_pos, step_valid = token[:, None], next_pos, torch.ones_like(token[:, None], dtype=torch.bool)
-            else:
-                step_idx = torch.cat((step_idx, token[:, None]), 1)
-                step_pos = torch.cat((step_pos, next_pos), 1)
-                step_valid = torch.cat((step_valid, torch.ones_like(token[:, None], dtype=torch.bool)), 1)
+            token, next_pos = token[:, None], last_pos + len(out)
+            if cache is not None:
+                logits = cache.step(self, token, next_pos)
+            else:  # the whole sequence again
+                idx, positions = torch.cat((idx, token), 1), torch.cat((positions, next_pos), 1)
+                valid = torch.cat((valid, torch.ones_like(token, dtype=torch.bool)), 1)
+                logits = self(idx, positions=positions, valid=valid)[0][:, -1]
         results = []
-        for row in torch.stack(out, 1).tolist() if out else [[] for _ in prompts]:
+        for row in torch.stack(out, 1).tolist():
             ends = [i for i, t in enumerate(row) if t in stop_tokens]
             results.append(row[:ends[0]] if ends else row)
         return results

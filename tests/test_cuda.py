@@ -1,5 +1,6 @@
 """On a machine with CUDA (skipped elsewhere): the smoke pipeline on the GPU with bf16 and
-torch.compile, the KV cache against full recomputation, a compiled finetuning step with no host
+torch.compile, the KV cache against full recomputation, compiled decoding (with and without CUDA
+graphs) against eager and with one host sync a step, a compiled finetuning step with no host
 sync, batches pinned off the training thread, and with two or more GPUs a 2-process torchrun on
 NCCL (on the default recipe, Muon included). Then the GPU check, as a separate call (README,
 "Performance"):
@@ -7,16 +8,19 @@ NCCL (on the default recipe, Muon included). Then the GPU check, as a separate c
     python -m pytest -q -rs tests/test_cuda.py
     python bench/gpu_check.py --steps 60 --recipe-steps 150 --data-dir data/owt_20m
 """
+import copy
 import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from data import Prefetcher, RandomTokens, loss_positions
+from generation import batched_beam_search, compile_decoding, constrained_span_decode
 from model import GPT, GPTConfig
 
 from conftest import ROOT, TINY
@@ -49,6 +53,34 @@ def test_cached_generation_equals_recomputation(arch):
     with torch.autocast("cuda", dtype=torch.bfloat16):  # different GEMM shapes round differently: a
         cached, full = (model.generate(prompts, 5, use_cache=c) for c in (True, False))  # near-tie may flip late
     assert cached == full
+
+
+def host_syncs(decode):
+    """How many times decode() made the host wait for the GPU."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            decode()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled", "cuda_graphs"])
+def test_decoding_equals_eager_and_syncs_once_a_step(mode):
+    eager = small().eval()
+    model = eager if mode == "eager" else compile_decoding(copy.deepcopy(eager), cuda_graphs=mode == "cuda_graphs")
+    prompts = [list(range(1, 40)), [5, 6, 7], list(range(300, 320)), [9]]
+    assert model.generate(prompts, 24, stop_tokens=()) == eager.generate(prompts, 24, stop_tokens=())
+    beams = [batched_beam_search(m, prompts, 4, 24, no_repeat_ngram_size=3) for m in (model, eager)]
+    assert beams[0] == beams[1]
+    spans = [constrained_span_decode(m, prompts, prompts, 12) for m in (model, eager)]
+    assert spans[0] == spans[1]
+    for decode in (lambda n: model.generate(prompts, n, stop_tokens=()),  # no stop: every run takes n steps
+                   lambda n: batched_beam_search(model, prompts, 4, n, stop_tokens=())):
+        assert host_syncs(lambda: decode(24)) - host_syncs(lambda: decode(12)) <= 12
 
 
 def test_compiled_finetuning_step_never_waits_for_the_host():
