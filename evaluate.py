@@ -46,7 +46,8 @@ import tasks
 from checkpoint import load_checkpoint, model_from_checkpoint, newest_finetuned
 from corpus import documents
 from data import open_tokens
-from runtime import setup_runtime
+from generation import compile_decoding
+from runtime import compile_blocker, setup_runtime
 from scoring import EvalSettings, evaluate_owt, evaluate_task, owt_windows
 
 
@@ -114,6 +115,26 @@ def print_table(result):
         print(f"  BLEU signature: {result['scores']['bleu_signature']}")
 
 
+def compiled_decoding(model, args, rt):
+    """Turn on compiled decoding (generation.compile_decoding) as --compile asks, where torch.compile
+    can run and a two-token probe decodes with it; otherwise decode eager, with one line on why.
+    Returns whether it is on."""
+    if args.compile == "false" or (args.compile == "auto" and rt.device.type != "cuda"):
+        return False
+    blocker = compile_blocker(rt.device, rt.dtype)
+    if not blocker:
+        compile_decoding(model, cuda_graphs=args.cuda_graphs)
+        try:
+            with rt.autocast():
+                model.generate([[0, 0]], 2, stop_tokens=())
+        except Exception as e:  # the step did not compile here: the eager decoder gives the same tokens
+            model.compiled_decoding = None
+            blocker = f"the compiled step failed a probe ({type(e).__name__}: {str(e).strip()[:120]})"
+    if blocker and rt.master:
+        print(f"--compile: decoding eager, {blocker}", flush=True)
+    return not blocker
+
+
 def batch_size(text):
     if text == "auto":
         return text
@@ -142,6 +163,11 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="default: each task's own")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (autocast)")
+    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                   help="decode each new token with one compiled step over a static KV cache (auto: on CUDA, "
+                        "where it saves hundreds of kernel launches a step; on the CPU it gains nothing)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with compiled decoding, replay the step as a CUDA graph (not yet confirmed on a GPU)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--owt-bin", help="a prepared .bin of uint16 tokens (e.g. data/owt/val.bin)")
     src.add_argument("--owt-text", help="raw text: a file, folder or glob of .txt/.jsonl[.gz]/.parquet")
@@ -198,6 +224,7 @@ def main(argv=None):
         owt_windows(len(data["owt"][0]), model.config.block_size, args.limit)  # too few tokens: an error now
     rt = setup_runtime(args.device, args.dtype)
     model = model.to(rt.device).eval()
+    compiled = compiled_decoding(model, args, rt)
     out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "eval")
     settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams, shots=args.shots,
                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
@@ -205,7 +232,8 @@ def main(argv=None):
                             prompt_block_size=block_size)
     common = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt)},
               "tasks_version": tasks.TASKS_VERSION, "checkpoint_tasks_version": version,
-              "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")} if rt.master else None
+              "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."),
+              "compiled_decoding": compiled} if rt.master else None
     for name in names:  # every process runs every task alike; process 0 gets the results and writes them
         if name == "owt":
             tokens, source, split = data["owt"]

@@ -97,8 +97,10 @@ def _static_step(model, cache, tokens, positions):
 
 
 class CompiledDecoding:
-    """What compile_decoding attaches to a model: the compiled step and a StaticKVCache for each
-    number of rows and dtype, kept for the model's lifetime so that their addresses stay fixed."""
+    """What compile_decoding attaches to a model: the compiled step and the StaticKVCache of the last
+    number of rows and dtype decoded, kept while batches keep that shape so that its addresses stay
+    fixed (a CUDA graph replays them). Only one is kept: evaluate.py fitting its batch to memory tries
+    several sizes, and caches kept for each would hold the memory the batch is fitted into."""
 
     def __init__(self, cuda_graphs=False):
         self.cuda_graphs = cuda_graphs
@@ -110,6 +112,7 @@ class CompiledDecoding:
         n_rows = cache.k.size(1) if rows is None else len(rows)
         key = (n_rows, cache.k.dtype, cache.k.device)
         if key not in self.caches:
+            self.caches.clear()
             self.caches[key] = StaticKVCache(model.config, n_rows, cache.k.device, cache.k.dtype, self.step,
                                              self.cuda_graphs)
         return self.caches[key].load(cache, rows)

@@ -69,6 +69,9 @@ BANDWIDTH_EFFICIENCY = 0.7  # share of the datasheet bandwidth a streaming read 
 # a beam-search step of this model is 1,296 aten ops (counted with a TorchDispatchMode over
 # generation.batched_beam_search at the preset's 12 layers), at ~4 us of eager dispatch and launch each
 STEP_OVERHEAD_S = 5e-3
+# ASSUMED for a compiled step (evaluate.py's default on CUDA): inductor fuses the model's step into ~10
+# kernels a layer (~130 launches) and the beam search's bookkeeping stays eager (~100 ops): ~1.5 ms
+COMPILED_STEP_OVERHEAD_S = 1.5e-3
 CUDA_CONTEXT_GIB = 0.6  # CUDA context and cuBLAS workspaces: held by no tensor, so outside the budget
 LOSS_FRACTION = 0.12  # finetuning positions that carry loss (the README's CPU run: 11.3%)
 LOSS_TRANSIENT_BYTES = 8  # per logit in the loss's backward (above)
@@ -90,7 +93,9 @@ def auto_dtype(gpu):
 def preset_steps(preset=PRESET):
     """The pipeline's steps for the preset, as pipeline.py builds them: {name: argv after the script}."""
     cfg = parse_config(pipeline.PipelineConfig, [pipeline.in_repo(os.path.join("config", f"pipeline_{preset}.py"))])
-    return {step.name: step.command[2:] for step in pipeline.build_steps(cfg, None)}, cfg
+    def after_script(command):  # python [-m torch.distributed.run ...] script.py argv...
+        return command[next(i for i, arg in enumerate(command) if arg.endswith(".py")) + 1:]
+    return {step.name: after_script(step.command) for step in pipeline.build_steps(cfg, None)}, cfg
 
 
 def fake_model(config):
@@ -176,39 +181,59 @@ def training_steps(steps):
     return [Training("pretrain", pre), Training("finetune", ft, LOSS_FRACTION, len(tasks.task_list(ft.tasks)))]
 
 
-def micro_batch(gpu, model, run, dtype):
-    """The largest divisor of the step's sequences whose estimated peak (static + b * per_sequence
-    bytes) stays under the budget, 0 when not even one sequence fits; and those three figures."""
+def micro_batch(gpu, model, run, dtype, gpus=1):
+    """The largest divisor of a process's share of the step's sequences whose estimated peak (static +
+    b * per_sequence bytes) stays under the budget, 0 when not even one sequence fits; and those three
+    figures."""
     per_seq, fixed = activation_bytes(model.config, dtype, run.loss_fraction)
     logits = model.config.block_size * (run.loss_fraction or 1.0) * model.config.vocab_size
     per_seq += LOSS_TRANSIENT_BYTES * logits
     static = state_bytes(model, run.cfg.optimizer) + fixed
     budget = MARGIN * (gpu.memory_gib - CUDA_CONTEXT_GIB) * 2 ** 30
-    n = run.sequences_per_step
+    n = run.sequences_per_step // gpus
     sizes = [b for b in range(1, n + 1) if n % b == 0]
     fitting = [b for b in sizes if static + b * per_seq <= budget]
     return (max(fitting) if fitting else 0), {"per_sequence": per_seq, "static": static, "budget": budget}
 
 
-def training_hours(gpu, model, run, micro_batch):
+@dataclasses.dataclass
+class Rates:
+    """How fast a card runs the pipeline's steps: from its datasheet and the assumptions above
+    (card_rates), or measured on it by bench/gpu_check.py, which then uses the same formulas."""
+    flops_per_s: float  # achieved FLOP/s of training and of prompt forwards, per GPU
+    decode_step_s: object  # (rows, positions attended) -> seconds of one decoding step
+    gpus: int = 1  # processes of the training and evaluation steps (torchrun); linear scaling assumed
+    tokens_per_s: dict = dataclasses.field(default_factory=dict)  # training step -> measured tokens/s per GPU
+
+
+def card_rates(gpu, model, gpus=1, compiled=True):
+    """The Rates of a card from its datasheet: training at the ASSUMED MFU; a decoding step reads the
+    weights (autocast's cached copies), the KV cache of every row and the fp32 logits at
+    BANDWIDTH_EFFICIENCY of the bandwidth, or takes the launch overhead of an (eager or compiled)
+    step, whichever is longer."""
+    c, itemsize = model.config, torch.finfo(auto_dtype(gpu)).bits // 8
+    weights = (model.num_params() - model.wte.weight.numel()) * itemsize
+
+    def decode_step_s(rows, length):
+        read = weights + c.n_layer * 2 * rows * length * c.n_embd * itemsize + rows * c.vocab_size * 4 * LOGIT_PASSES
+        return max(read / (gpu.bandwidth * BANDWIDTH_EFFICIENCY), COMPILED_STEP_OVERHEAD_S if compiled else
+                   STEP_OVERHEAD_S)
+    return Rates(gpu.peak_flops * MFU[gpu.label], decode_step_s, gpus)
+
+
+def training_hours(rates, model, run, micro_batch):
     """Training plus its periodic validation (forward only: a third of the training FLOPs; its batches
-    are micro-batches)."""
+    are micro-batches), over all the processes."""
     cfg, T = run.cfg, run.cfg.block_size
     flops_token = model.flops_per_token(T, run.loss_fraction or 1.0)
-    train = cfg.max_iters * run.sequences_per_step * T * flops_token
+    tokens = cfg.max_iters * run.sequences_per_step * T
     evaluations = cfg.max_iters // cfg.eval_interval + 1
     validate = evaluations * cfg.eval_iters * run.eval_sources * micro_batch * T * flops_token / 3
-    return (train + validate) / (gpu.peak_flops * MFU[gpu.label]) / 3600
-
-
-def decode_step_seconds(gpu, model, rows, length, itemsize):
-    """One decoding step of `rows` rows whose keys and values span `length` positions: the bytes it
-    reads at the achieved bandwidth, or the eager launch overhead, whichever is longer."""
-    c = model.config
-    weights = (model.num_params() - model.wte.weight.numel()) * itemsize  # autocast's cached copies
-    kv = c.n_layer * 2 * rows * length * c.n_embd * itemsize
-    logits = rows * c.vocab_size * 4 * LOGIT_PASSES
-    return max((weights + kv + logits) / (gpu.bandwidth * BANDWIDTH_EFFICIENCY), STEP_OVERHEAD_S)
+    if run.name in rates.tokens_per_s:  # measured
+        seconds = tokens / rates.tokens_per_s[run.name] + validate / rates.flops_per_s
+    else:
+        seconds = (tokens * flops_token + validate) / rates.flops_per_s
+    return seconds / rates.gpus / 3600
 
 
 def auto_eval_batch(gpu, model, args, task, prompt, itemsize):
@@ -217,17 +242,22 @@ def auto_eval_batch(gpu, model, args, task, prompt, itemsize):
     stay under memory.MARGIN of the card less its CUDA context."""
     c, beams = model.config, 1 if task.label_words else args.num_beams
     length = prompt + (0 if task.label_words else args.max_new_tokens or task.max_new_tokens)
+    if not task.label_words:  # compiled decoding copies the prefilled cache into a static one of the block
+        length += c.block_size
     per_row = c.n_layer * 2 * length * c.n_embd * itemsize + c.vocab_size * 4 * LOGIT_PASSES
     budget = MARGIN * (gpu.memory_gib - CUDA_CONTEXT_GIB) * 2 ** 30 - model.num_params() * (4 + itemsize)
     prompts = max(1, min(MAX_BATCH_ROWS, int(budget // per_row)) // beams)
     return 2 ** (prompts.bit_length() - 1)
 
 
-def evaluation_hours(gpu, model, args, owt_tokens=0):
-    """One evaluate.py run (args: its parsed arguments) over every task, plus the web-text loss."""
-    dtype = auto_dtype(gpu)
-    itemsize = torch.finfo(dtype).bits // 8
-    forward_rate = gpu.peak_flops * MFU[gpu.label]
+def evaluation_hours(rates, gpu, model, args, owt_tokens=0):
+    """One evaluate.py run (args: its parsed arguments) over every task, plus the web-text loss, its
+    batches shared out over the processes. Compiled decoding (evaluate.py's default on CUDA) attends
+    over the whole block every step (its static cache); every batch runs the task's full new-token cap,
+    an upper bound that the pretrained model's zero- and few-shot outputs, which rarely stop early,
+    come close to."""
+    itemsize = torch.finfo(auto_dtype(gpu)).bits // 8
+    forward_rate = rates.flops_per_s
     forward_flops = model.flops_per_token(model.config.block_size) / 3
     seconds = owt_tokens * forward_flops / forward_rate
     for name, task in tasks.TASKS.items():
@@ -243,31 +273,36 @@ def evaluation_hours(gpu, model, args, owt_tokens=0):
             seconds += batches * STEP_OVERHEAD_S
             continue
         steps = args.max_new_tokens or task.max_new_tokens
-        rows = batch * args.num_beams
-        seconds += batches * sum(decode_step_seconds(gpu, model, rows, prompt + s, itemsize) for s in range(steps))
-    return seconds / 3600
+        seconds += batches * steps * rates.decode_step_s(batch * args.num_beams, model.config.block_size)
+    return seconds / rates.gpus / 3600
 
 
-def estimate(gpu, preset=PRESET):
-    """Every figure of one card: its plan, micro-batches and hours per pipeline step."""
+def estimate(gpu, preset=PRESET, rates=None):
+    """Every figure of one card: its plan, micro-batches and hours per pipeline step (rates: measured
+    ones, else card_rates over the preset's nproc GPUs)."""
     steps, pipe = preset_steps(preset)
     runs = training_steps(steps)
     dtype = auto_dtype(gpu)
     plan = cuda_plan(f"NVIDIA {gpu.label}", gpu.capability, gpu.memory_gib * 2 ** 30, dtype)
     model, _ = fake_model(runs[0].cfg.model_fields())  # finetuning keeps the pretrained architecture
+    rates = rates or card_rates(gpu, model, pipe.nproc)
     row = {"card": gpu.label, "capability": f"sm{gpu.capability[0]}{gpu.capability[1]}", "memory_gib": gpu.memory_gib,
            "dtype": str(dtype).removeprefix("torch."), "flex_attention": plan.flex_attention, "plan": plan.line(),
-           "mfu": MFU[gpu.label], "micro_batch": {}, "memory": {}, "hours": {}}
+           "mfu": MFU[gpu.label], "gpus": rates.gpus, "micro_batch": {}, "memory": {}, "hours": {}}
     for run in runs:
-        row["micro_batch"][run.name], row["memory"][run.name] = micro_batch(gpu, model, run, dtype)
-        row["hours"][run.name] = training_hours(gpu, model, run, max(1, row["micro_batch"][run.name]))
+        row["micro_batch"][run.name], row["memory"][run.name] = micro_batch(gpu, model, run, dtype, rates.gpus)
+        row["hours"][run.name] = training_hours(rates, model, run, max(1, row["micro_batch"][run.name]))
     owt_tokens = pipe.owt_max_tokens * pipe.owt_val_fraction
     for name, argv in steps.items():
         if name.startswith("evaluate"):
             args = evaluate.parse_args(argv)
-            row["hours"][name] = evaluation_hours(gpu, model, args, owt_tokens if args.owt_bin else 0)
+            row["hours"][name] = evaluation_hours(rates, gpu, model, args, owt_tokens if args.owt_bin else 0)
     row["hours"]["total"] = sum(row["hours"].values())
     return row
+
+
+def hours(h):
+    return f"{h:.1f}" if h >= 1 else f"{h:.2f}"
 
 
 def markdown(rows):
@@ -278,9 +313,10 @@ def markdown(rows):
         h, mb = r["hours"], r["micro_batch"]
         evaluation = sum(v for k, v in h.items() if k.startswith("evaluate"))
         attention = "FlexAttention" if r["flex_attention"] else "dense mask"
-        lines.append(f"| {r['card']} ({r['capability']}, {r['memory_gib']:.0f} GiB) | {r['dtype']} | {attention} "
-                     f"| {mb['pretrain']} / {mb['finetune']} | {h['pretrain']:.1f} | {h['finetune']:.1f} "
-                     f"| {evaluation:.1f} | {h['total']:.1f} |")
+        gpus = f"{r['gpus']} x " if r["gpus"] > 1 else ""
+        lines.append(f"| {gpus}{r['card']} ({r['capability']}, {r['memory_gib']:.0f} GiB) | {r['dtype']} | {attention} "
+                     f"| {mb['pretrain']} / {mb['finetune']} | {hours(h['pretrain'])} | {hours(h['finetune'])} "
+                     f"| {hours(evaluation)} | {hours(h['total'])} |")
     return "\n".join(lines)
 
 

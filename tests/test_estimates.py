@@ -74,12 +74,13 @@ def test_more_memory_never_fits_a_smaller_micro_batch_and_faster_cards_take_fewe
         batches = [estimates["micro_batch"](dataclasses.replace(t4, memory_gib=gib), model, run, torch.float16)[0]
                    for gib in (4, 8, 15, 24, 48, 96, 192)]
         assert batches == sorted(batches) and batches[0] < batches[-1] == run.sequences_per_step
-        hours = estimates["training_hours"]
-        assert hours(dataclasses.replace(t4, peak_flops=2 * t4.peak_flops), model, run, 8) == pytest.approx(
-            hours(t4, model, run, 8) / 2)
+        hours, rates = estimates["training_hours"], estimates["card_rates"]
+        assert hours(rates(dataclasses.replace(t4, peak_flops=2 * t4.peak_flops), model), model, run, 8) == \
+            pytest.approx(hours(rates(t4, model), model, run, 8) / 2)
+        assert hours(rates(t4, model, gpus=8), model, run, 8) == pytest.approx(hours(rates(t4, model), model, run, 8) / 8)
     args = estimates["evaluate"].parse_args(steps["evaluate"])
-    evaluation = [estimates["evaluation_hours"](dataclasses.replace(t4, bandwidth=bw), model, args)
-                  for bw in (0.1e12, 0.3e12, 1e12, 3e12)]
+    evaluation = [estimates["evaluation_hours"](estimates["card_rates"](card, model), card, model, args)
+                  for card in (dataclasses.replace(t4, bandwidth=bw) for bw in (0.1e12, 0.3e12, 1e12, 3e12))]
     assert evaluation == sorted(evaluation, reverse=True) and evaluation[0] > evaluation[-1]
     totals = [estimates["estimate"](GPUS[label])["hours"]["total"] for label in ("T4", "A10G", "A100 80GB", "H100")]
     assert totals == sorted(totals, reverse=True)

@@ -181,6 +181,36 @@ def test_batch_size_is_fitted_to_memory_by_default_or_a_given_count():
             evaluate.parse_args(command + ["--batch-size", bad])
 
 
+def test_decoding_is_compiled_on_cuda_by_default_where_torch_compile_runs(monkeypatch, capsys):
+    """--compile auto: compiled decoding on CUDA only (on the CPU it gains nothing); where torch.compile
+    cannot run, or the compiled step fails its probe, eager with one line. (Compiled and eager
+    decoding give the same tokens: tests/test_decoding.py, which pays for the compile.)"""
+    import runtime
+    command = ["--task", "squad", "--ckpt", "model.pt"]
+    cpu, gpu = runtime.Runtime(torch.device("cpu")), runtime.Runtime(torch.device("cpu"))
+    gpu.device = torch.device("cuda:0")  # the decision only: the model stays on the CPU
+    turned_on = []
+    monkeypatch.setattr(evaluate, "compile_decoding", lambda model, cuda_graphs: turned_on.append(cuda_graphs))
+    monkeypatch.setattr(evaluate, "compile_blocker", lambda device, dtype: None)
+    for flags, rt, compiled in ((["--compile", "auto"], cpu, False), (["--compile", "auto"], gpu, True),
+                                (["--compile", "true", "--cuda-graphs"], cpu, True), (["--compile", "false"], gpu, False)):
+        assert evaluate.compiled_decoding(tiny(), evaluate.parse_args(command + flags), rt) is compiled
+    assert turned_on == [False, True]
+
+    class Broken:  # a compiled step that fails where this torch cannot build it
+        def static_cache(self, *args):
+            raise RuntimeError("InductorError: no valid Triton config")
+    monkeypatch.setattr(evaluate, "compile_decoding", lambda model, cuda_graphs: setattr(model, "compiled_decoding",
+                                                                                         Broken()))
+    model = tiny()
+    assert not evaluate.compiled_decoding(model, evaluate.parse_args(command + ["--compile", "true"]), cpu)
+    assert model.compiled_decoding is None and model.generate([[1, 2]], 3) is not None  # eager again
+    assert "--compile: decoding eager, the compiled step failed a probe (RuntimeError" in capsys.readouterr().out
+    monkeypatch.setattr(evaluate, "compile_blocker", lambda device, dtype: "no C++ compiler")
+    assert not evaluate.compiled_decoding(tiny(), evaluate.parse_args(command + ["--compile", "true"]), cpu)
+    assert "--compile: decoding eager, no C++ compiler" in capsys.readouterr().out
+
+
 def test_prompts_are_cut_at_the_block_size_of_the_finetuning_data(tmp_path, shared_data):
     model = tiny(block_size=512)
     assert evaluate.prompt_block_size({"data_block_size": 256}, model, "model.pt") == 256
