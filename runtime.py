@@ -142,6 +142,12 @@ def pick_device(name, local_rank=0):
         raise UserError(f"device={name!r}; choose auto, cpu, cuda, cuda:N or mps") from None
 
 
+def synchronize(device):
+    """Wait for the device's queued work (a no-op off CUDA): for timings, and nowhere else."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def native_bf16(capability):
     """bf16 tensor cores arrived with Ampere (sm80). Before it bf16 is emulated, several times slower
     than fp16, and Triton cannot compile it (ptxas: "Feature '.bf16' requires .target sm_80 or

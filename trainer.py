@@ -30,7 +30,7 @@ from common import UserError
 from data import Prefetcher, loss_token_fraction, row_range, split_rows, to_device
 from plan import (BatchPlan, TimeBudget, budget_line, divisors, figures_line, initial_plan, probe_line,
                   sequences_per_process, start_figures)
-from runtime import maybe_compile, peak_flops
+from runtime import maybe_compile, peak_flops, synchronize
 
 clock = time.perf_counter  # every duration the loop plans with (tests run it faster)
 STOPPED_BY_SIGNAL, STOPPED_FOR_TIME = 130, 75  # exit statuses of a run that stopped early with a checkpoint
@@ -486,13 +486,9 @@ class Run:
             raise UserError(f"loss became nan or inf at iteration {int(bad.item())}; {self.ckpt_path} is the "
                             f"last good state: lower learning_rate (or use dtype=bfloat16) and --resume")
 
-    def sync(self):
-        if self.rt.device.type == "cuda":
-            torch.cuda.synchronize(self.rt.device)
-
     def plan_time(self, log):
         """--budget_hours: once the step time is measured, max_iters (the same on every process)."""
-        planned = self.budget.plan_steps(self.iter, self.sync)
+        planned = self.budget.plan_steps(self.iter, lambda: synchronize(self.rt.device))
         if self.rt.ddp:
             shared = [planned]
             dist.broadcast_object_list(shared, src=0)

@@ -288,7 +288,7 @@ def estimate(gpu, preset=PRESET, rates=None):
     rates = rates or card_rates(gpu, model, pipe.nproc)
     row = {"card": gpu.label, "capability": f"sm{gpu.capability[0]}{gpu.capability[1]}", "memory_gib": gpu.memory_gib,
            "dtype": str(dtype).removeprefix("torch."), "flex_attention": plan.flex_attention, "plan": plan.line(),
-           "mfu": MFU[gpu.label], "gpus": rates.gpus, "micro_batch": {}, "memory": {}, "hours": {}}
+           "mfu": MFU.get(gpu.label), "gpus": rates.gpus, "micro_batch": {}, "memory": {}, "hours": {}}
     for run in runs:
         row["micro_batch"][run.name], row["memory"][run.name] = micro_batch(gpu, model, run, dtype, rates.gpus)
         row["hours"][run.name] = training_hours(rates, model, run, max(1, row["micro_batch"][run.name]))

@@ -260,8 +260,19 @@ def test_gpu_check_runs_its_tiny_cpu_stand_in(tmp_path, corpus):
     report = json.loads(out.read_text())
     for phase in ("pretrain", "finetune"):
         assert report[phase]["tokens_per_s"] > 0 and report[phase]["mfu"] > 0
-    assert report["generate"]["greedy_tokens_per_s"] > 0 and report["generate"]["beam4_tokens_per_s"] > 0
-    assert report["estimates_h"]["gpu"]["pretrain_h"] > report["estimates_h"]["gpu"]["finetune_h"] > 0
+        assert report[phase]["micro_batch"] * report[phase]["accumulation"] * 128 == report[phase]["tokens_per_step"]
+    # finetuning took the packed path (documents with their positions): on the CPU the dense document mask
+    assert report["finetune"]["attention"] == "dense document mask" and report["pretrain"]["attention"] is None
+    assert report["resume"]["equal"] and report["resume"]["resumed_at"] == 2  # a reloaded Run goes on exactly
+    gen = report["generate"]
+    for name in ("beam4", "greedy"):
+        assert gen[f"{name}_eager"]["tokens_per_s"] > 0 and gen[f"{name}_compiled"]["tokens_per_s"] > 0
+        assert gen[f"{name}_same_tokens"] == gen[f"{name}_prompts"]  # compiled decoding gives eager's tokens
+    for preset, gpus in (("gpu", 1), ("full", 8)):  # every step the pipeline runs, its evaluations included
+        hours = report["estimates_h"][preset]["hours"]
+        assert report["estimates_h"][preset]["gpus"] == gpus and all(h > 0 for h in hours.values())
+        assert {"pretrain", "finetune", "evaluate", "evaluate_pretrained_0shot", "evaluate_pretrained_3shot"} < set(hours)
+    assert report["ddp"] is None  # one CPU: the ddp leg needs 2 GPUs (its CPU stand-in: below)
     assert "estimated hours per pipeline step" in result.stdout
     # the two recipes trained on the same real text for the same tokens, and were scored on the same windows
     default, classic = report["recipes"]["default"], report["recipes"]["classic"]
@@ -270,6 +281,20 @@ def test_gpu_check_runs_its_tiny_cpu_stand_in(tmp_path, corpus):
     assert all(math.isfinite(r["val_loss"]) and r["val_loss"] < math.log(50257) for r in (default, classic))
     assert report["recipes"]["difference"] == pytest.approx(default["val_loss"] - classic["val_loss"])
     assert "default - classic" in result.stdout
+
+
+def test_gpu_check_ddp_leg_times_both_wrapping_orders_on_two_processes(tmp_path):
+    """What gpu_check runs on every GPU when there are 2 or more, here on 2 CPU processes (gloo, eager:
+    without compile the two orders are the same module, so this proves the plumbing, not the gain)."""
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "bench/gpu_check.py",
+           "--ddp-leg", "--device=cpu", "--tiny", "--compile=false", f"--out={out}"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2
+    assert all(report[order]["tokens_per_s"] > 0 for order in ("compile(DDP(model))", "DDP(compile(model))"))
 
 
 def test_gpu_check_skips_the_recipe_side_by_side_without_data(tmp_path, capsys):
