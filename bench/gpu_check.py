@@ -1,7 +1,7 @@
 """The first run on a GPU: does every path a GPU preset takes work, how fast is it, how long will the
 pipeline presets take, and does the default recipe beat the GPT-2 one at the 124M shape too?
 
-    python bench/gpu_check.py                        # one H100/H200: about 10 minutes (estimated below)
+    python bench/gpu_check.py                        # one H100/H200: about 12 minutes (estimated below)
     python bench/gpu_check.py --device cpu --tiny    # a tiny stand-in, under 2 minutes (CI runs it)
 
 Everything runs the code the presets run (trainer.train, runtime's device plan, the decoders that
@@ -27,10 +27,12 @@ hours of every step of the gpu and full pipeline presets, read from the steps pi
 them (their eval_args and pretrained_shots included; full: 8 GPUs, linear scaling assumed). Prints
 tables; writes the JSON after every leg, so a failing leg keeps the figures before it.
 
-The 10 minutes are an estimate, not a timing. They assume ~350k tokens/s for this model on one
-H100/H200 and ~1 minute to compile each of the 4 trained models and each decoder: pretrain 200 x
-131k tokens (75 s) and finetune 200 x 65k (40 s) after the probe's few eager steps; resume and ddp
-seconds; the recipes 2 x 300 x 131k tokens (225 s); 6 compiles (6 min).
+The 12 minutes are an estimate, not a timing. They assume ~350k tokens/s for this model on one
+H100/H200 and about a minute for each of 6 compiles (the pretraining and finetuning models, the
+FlexAttention probe, the decoding step, the two recipes): pretrain 200 x 131k tokens (75 s) and
+finetune 200 x 65k (40 s) after the probe's few eager steps, the recipes 2 x 300 x 131k (225 s),
+the compiles 360 s; the resume, ddp and decoding legs take seconds each. bench/gpu_session.sh runs
+it with fewer steps, in about 6 minutes.
 """
 import argparse
 import contextlib

@@ -1,12 +1,10 @@
 """On a machine with CUDA (skipped elsewhere): the smoke pipeline on the GPU with bf16 and
 torch.compile, the KV cache against full recomputation, compiled decoding (with and without CUDA
 graphs) against eager and with one host sync a step, a compiled finetuning step with no host
-sync, batches pinned off the training thread, and with two or more GPUs a 2-process torchrun on
-NCCL (on the default recipe, Muon included). Then the GPU check, as a separate call (README,
-"Performance"):
-
-    python -m pytest -q -rs tests/test_cuda.py
-    python bench/gpu_check.py --steps 60 --recipe-steps 150 --data-dir data/owt_20m
+sync, batches pinned off the training thread, the device plan and the FlexAttention probe on this
+card, batch_size=auto measuring its memory, and with two or more GPUs a 2-process torchrun on NCCL
+(on the default recipe, Muon's sharded step included) and evaluation on two GPUs. Then the GPU
+check; bench/gpu_session.sh runs both as one prepared script (README, "Performance").
 """
 import copy
 import json
@@ -147,3 +145,42 @@ def test_torchrun_on_nccl_keeps_two_gpus_in_sync(corpus):  # the default recipe,
     with open(corpus / "ddp" / "metrics.jsonl") as f:
         ranks = [r for r in map(json.loads, f) if r["type"] == "ranks"][0]["ranks"]
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"] and ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_the_device_plan_is_this_cards_and_flex_attention_passes_its_probe_from_sm80():
+    """runtime's rules (tested for sm70-sm90 with torch.cuda patched) on the real card."""
+    import runtime
+    rt = runtime.setup_runtime("cuda")
+    capability = torch.cuda.get_device_capability(CUDA)
+    assert rt.dtype == (torch.bfloat16 if capability >= (8, 0) else torch.float16)
+    assert rt.plan.line().startswith(torch.cuda.get_device_name(CUDA)) and rt.plan.fused_adamw
+    uses_flex = runtime.choose_attention(GPT(GPTConfig(block_size=256, n_layer=2, n_head=4, n_embd=256)).to(CUDA), rt)
+    assert uses_flex == (capability >= (8, 0))
+
+
+def test_batch_size_auto_measures_this_gpus_memory(corpus):
+    """The probe's tries run on the card and report their peak memory; the tokens per step stay."""
+    import train
+    out = corpus / "auto"
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={out}", "--max_iters=3", "--device=cuda",
+                       "--batch_size=auto", "--tokens_per_step=2048"])  # 64 sequences of 32 tokens
+    with open(out / "metrics.jsonl") as f:
+        plan = [r for r in map(json.loads, f) if r["type"] == "plan"][0]
+    assert plan["batch_chosen_by"] == "memory probe" and plan["micro_batch"] * plan["accumulation"] == 64
+    assert all(peak is not None and peak > 0 for _, peak, fitted in plan["batch_tries"] if fitted)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_gpus_evaluate_the_web_text_loss_of_one(tmp_path, corpus):
+    """evaluate.py under torchrun on NCCL: the same loss, to the bit, as one process."""
+    import train
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={tmp_path / 'run'}", "--max_iters=2", "--device=cuda"])
+    args = ["evaluate.py", "--task=owt", f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}", f"--owt-bin={corpus / 'val.bin'}"]
+    losses = []
+    for launch, out in (([sys.executable], "one"), ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node=2"], "two")):
+        result = subprocess.run(launch + args + [f"--out={tmp_path / out}"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        losses.append(json.loads((tmp_path / out / "owt_val_metrics.json").read_text())["scores"]["loss"])
+    assert losses[0] == losses[1]
