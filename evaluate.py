@@ -46,7 +46,7 @@ import tasks
 from checkpoint import load_checkpoint, model_from_checkpoint, newest_finetuned
 from corpus import documents
 from data import open_tokens
-from generation import compile_decoding
+from generation import compile_decoding, release_decoding_cache
 from runtime import compile_blocker, setup_runtime
 from scoring import EvalSettings, evaluate_owt, evaluate_task, owt_windows
 
@@ -117,8 +117,8 @@ def print_table(result):
 
 def compiled_decoding(model, args, rt):
     """Turn on compiled decoding (generation.compile_decoding) as --compile asks, where torch.compile
-    can run and a two-token probe decodes with it; otherwise decode eager, with one line on why.
-    Returns whether it is on."""
+    can run and a probe decodes with it (one row, then two: the graph every later number of rows
+    reuses); otherwise decode eager, with one line on why. Returns whether it is on."""
     if args.compile == "false" or (args.compile == "auto" and rt.device.type != "cuda"):
         return False
     blocker = compile_blocker(rt.device, rt.dtype)
@@ -126,7 +126,9 @@ def compiled_decoding(model, args, rt):
         compile_decoding(model, cuda_graphs=args.cuda_graphs)
         try:
             with rt.autocast():
-                model.generate([[0, 0]], 2, stop_tokens=())
+                for prompts in ([[0, 0]], [[0, 0], [0, 0, 0]]):
+                    model.generate(prompts, 2, stop_tokens=())
+            release_decoding_cache(model)
         except Exception as e:  # the step did not compile here: the eager decoder gives the same tokens
             model.compiled_decoding = None
             blocker = f"the compiled step failed a probe ({type(e).__name__}: {str(e).strip()[:120]})"

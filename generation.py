@@ -132,6 +132,12 @@ def compile_decoding(model, cuda_graphs=False):
     return model
 
 
+def release_decoding_cache(model):
+    """Free the static cache compiled decoding keeps (the next batch allocates its own)."""
+    if getattr(model, "compiled_decoding", None) is not None:
+        model.compiled_decoding.caches.clear()
+
+
 def _decoding_cache(model, cache, rows=None):
     """The cache that one-token steps continue from a prefilled `cache` (row rows[i] of it as row i)."""
     if model.compiled_decoding is not None:

@@ -61,6 +61,8 @@ def release(device):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def largest_that_fits(sizes, attempt, device, margin=MARGIN, agree=None):

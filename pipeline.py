@@ -174,13 +174,16 @@ def run_step(step, stamp_dir, dry_run):
         return 0.0, False
     started = time.time()
     # a step's hint about local data names the pipeline's flag, not the script's own
-    result = subprocess.run(step.command, env={**os.environ, LOCAL_FLAG_ENV: "--data-root"})
-    stopped = result.returncode in (STOPPED_FOR_TIME, STOPPED_BY_SIGNAL) or (SIGUSR1_SEEN and result.returncode)
-    if stopped and step.resumable_dir:  # (torchrun exits 1 after passing a signal on to its workers)
+    RUNNING[:] = [subprocess.Popen(step.command, env={**os.environ, LOCAL_FLAG_ENV: "--data-root"})]
+    result = RUNNING[0]
+    result.wait()
+    RUNNING.clear()
+    stopped = why_stopped(step, result.returncode)
+    if stopped:
         print(f"[{step.name}] stopped with a checkpoint before the end ("
-              f"{'its --max_minutes' if result.returncode == STOPPED_FOR_TIME else 'a signal'}); rerun the pipeline "
-              f"to continue: finished steps are skipped and training resumes", flush=True)
-        raise SystemExit(STOPPED_FOR_TIME if result.returncode == STOPPED_FOR_TIME else STOPPED_BY_SIGNAL)
+              f"{'its --max_minutes' if stopped == 'time' else 'a signal'}); rerun the pipeline to continue: "
+              f"finished steps are skipped and training resumes", flush=True)
+        raise SystemExit(STOPPED_FOR_TIME if stopped == "time" else STOPPED_BY_SIGNAL)
     if result.returncode != 0:
         raise UserError(f"step {step.name} failed (exit {result.returncode}); fix the cause above and rerun "
                         f"the pipeline: finished steps are skipped and training resumes")
@@ -193,14 +196,32 @@ def run_step(step, stamp_dir, dry_run):
     return seconds, False
 
 
-SIGUSR1_SEEN = []
+SIGUSR1_SEEN, RUNNING = [], []  # the signal, once received; the step's process while it runs
 
 
 def wait_for_the_step(signum, frame):
-    """SIGUSR1 (SLURM's warning before a job's time is up) reaches the running step too, which checkpoints
-    and stops; the pipeline waits for it, then stops instead of starting the next step."""
+    """SIGUSR1 (SLURM's warning before a job's time is up): passed on to the running step, which
+    checkpoints and stops if it trains (a training run takes a repeat, from SLURM itself, as the same
+    request); the pipeline then stops instead of starting the next step."""
     SIGUSR1_SEEN.append(signum)
+    for process in RUNNING:
+        process.send_signal(signum)
     print(f"\nsignal {signum}: the pipeline stops once the running step has stopped", flush=True)
+
+
+def why_stopped(step, returncode):
+    """"time" or "signal" when a training step stopped early with a checkpoint, else None. Under torchrun
+    the exit status is torchrun's own, so the run's log says it: its last record is a stop record."""
+    if not returncode or not step.resumable_dir:
+        return None
+    if returncode in (STOPPED_FOR_TIME, STOPPED_BY_SIGNAL):
+        return "time" if returncode == STOPPED_FOR_TIME else "signal"
+    try:
+        with open(os.path.join(step.resumable_dir, "metrics.jsonl")) as f:
+            last = json.loads(f.readlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return "signal" if SIGUSR1_SEEN else None
+    return last.get("reason") if last.get("type") == "stop" else ("signal" if SIGUSR1_SEEN else None)
 
 
 def main(argv=None):

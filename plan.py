@@ -168,7 +168,6 @@ class TimeBudget:
         left = 3600 * self.cfg.budget_hours - (now - self.started)
         per_step = step_s + (self.eval_s + self.save_s) / self.cfg.eval_interval  # evaluations, checkpoints
         steps = it + max(0, math.floor((left - self.eval_s - self.save_s) / per_step))  # the last evaluation too
-        self.decide_at = 0
         return {"budget_hours": self.cfg.budget_hours, "max_iters": steps, "measured": [start + 1, it], "step_s": step_s,
                 "eval_s": self.eval_s, "save_s": self.save_s, "seconds_left": left}
 

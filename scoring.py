@@ -23,7 +23,8 @@ import fewshot
 import memory
 import tasks
 from common import EOT, UserError
-from generation import batched_beam_search, constrained_span_decode, decode_text, label_logprobs
+from generation import (batched_beam_search, constrained_span_decode, decode_text, label_logprobs,
+                        release_decoding_cache)
 
 AUTO_BATCH_NO_MEMORY_SIGNAL = 16  # prompts per batch where the device reports no memory (CPU, MPS)
 MAX_BATCH_ROWS = 256  # cap on a fitted batch, prompts x beams: beyond it decoding gains little, and
@@ -192,8 +193,12 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext, rank=0
                 return label_logprobs(model, [prompts[i].ids for i in batch], labels).tolist()
             return _generate(model, [prompts[i] for i in batch], decoding)
 
+    def fresh_decode(batch):  # a try measures its own memory, not the last try's compiled-decoding cache
+        release_decoding_cache(model)
+        return decode(batch)
+
     order = length_order([p.ids for p in prompts])
-    size, rule, line, decoded = choose_batch_size(settings.batch_size, decode, order, decoding.get("num_beams", 1),
+    size, rule, line, decoded = choose_batch_size(settings.batch_size, fresh_decode, order, decoding.get("num_beams", 1),
                                                   device, world_size)
     if line and settings.progress and rank == 0:
         print(f"{task.name}: {line}", file=sys.stderr, flush=True)

@@ -88,10 +88,13 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C means now
-            raise KeyboardInterrupt
+        if self.requested:  # a second Ctrl-C means now; a repeated SIGTERM or SIGUSR1 is the same request
+            if signum == signal.SIGINT:  # again (SLURM signals every process, and torchrun passes it on too)
+                raise KeyboardInterrupt
+            return
         self.requested = True
-        print(f"\nsignal {signum}: saving a checkpoint at the next logged step (again to abort)", flush=True)
+        again = " (Ctrl-C again to abort)" if signum == signal.SIGINT else ""
+        print(f"\nsignal {signum}: saving a checkpoint at the next logged step{again}", flush=True)
 
     def agreed(self, rt):
         """All ranks must stop at the same step, or DDP would hang. Called at logged steps only,
@@ -112,8 +115,9 @@ class MetricsLog:
     def __init__(self, path, resume_iter=None):
         self.path, keep = path, []
         if resume_iter is not None and os.path.exists(path):
-            with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter]
+            with open(path) as f:  # a stop record says why the last session ended: not this one's
+                keep = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter
+                        and json.loads(line).get("type") != "stop"]
             with open(path, "w") as f:
                 f.writelines(keep)
         elif resume_iter is None and os.path.exists(path):
@@ -237,16 +241,19 @@ class Run:
         self.first_inputs = None  # for record_ranks
 
     def _checkpoint_to_resume(self):
-        """The checkpoint to resume, or None. Rank 0 decides, and from which iteration; every rank must then
-        read that same checkpoint. Without storage that every node shares only rank 0's node has it: a rank
-        that cannot read it is one clear error on every rank, not a hang."""
+        """The checkpoint to resume, or None. Rank 0 decides (whether out_dir may be used, whether to
+        resume and from which iteration); every rank must then read that same checkpoint. Without
+        storage that every node shares only rank 0's node has it: a rank that cannot read it is one
+        clear error on every rank, not a hang."""
         rt, ckpt, decision, error = self.rt, None, None, None
-        if rt.master and self.cfg.resume and os.path.exists(self.ckpt_path):
-            try:
+        try:
+            if rt.master:  # on a node without rank 0's storage the folder may look empty: its verdict counts
+                check_out_dir(self.cfg)
+            if rt.master and self.cfg.resume and os.path.exists(self.ckpt_path):
                 ckpt = load_checkpoint(self.ckpt_path)
                 decision = (ckpt["iter_num"], ckpt.get("weights_sha256"))
-            except UserError as e:
-                error = str(e)
+        except UserError as e:
+            error = str(e)
         if not rt.ddp:
             if error:
                 raise UserError(error)
@@ -286,6 +293,8 @@ class Run:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.iter, self.best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         self.saved_plan, self.time_plan = ckpt.get("batch_plan"), ckpt.get("time_plan")
+        timings = ckpt.get("timings") or {}  # --max_minutes must leave room for them before this session times any
+        self.budget.eval_s, self.budget.save_s = timings.get("eval_s", 0.0), timings.get("save_s", 0.0)
         if self.time_plan and self.cfg.budget_hours:  # the budget was planned once: a resumed run keeps it
             self.cfg.max_iters = self.time_plan["max_iters"]
         rng = ckpt["rng"]
@@ -374,7 +383,8 @@ class Run:
                              "optimizers": [opt.state_dict() for opt in self.optimizers],
                              "scaler": self.scaler.state_dict(), "iter_num": self.iter,
                              "best_val_loss": self.best_val, "rng": rng,
-                             "batch_plan": vars(self.plan), "time_plan": self.time_plan}, self.ckpt_path)
+                             "batch_plan": vars(self.plan), "time_plan": self.time_plan,
+                             "timings": {"eval_s": self.budget.eval_s, "save_s": self.budget.save_s}}, self.ckpt_path)
         self.budget.timed("save", clock() - started)
 
     def evaluate(self, eval_sources, log):
@@ -415,12 +425,17 @@ class Run:
                 if not memory.is_out_of_memory(e):
                     raise
             self._more_pieces()  # outside the except block, so the failed pass's tensors can be freed
-        if self.cfg.grad_clip:
+        try:
+            if self.cfg.grad_clip:
+                for opt in self.optimizers:
+                    self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             for opt in self.optimizers:
-                self.scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        for opt in self.optimizers:
-            self.scaler.step(opt)
+                self.scaler.step(opt)
+        except Exception as e:  # the optimizer's state is allocated at its first step, beside the activations
+            if not memory.is_out_of_memory(e):
+                raise
+            self._optimizer_out_of_memory()
         self.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -455,20 +470,11 @@ class Run:
             opt.zero_grad(set_to_none=True)
         memory.release(self.rt.device)
         size, pieces = self.plan.micro_batch, self.plan.pieces
-        if self.plan.chosen_by == "config" and self.iter == self.start_iter and not self.restored:
-            fits = ""
-            if not self.rt.ddp:  # under DDP the other processes wait in this step's all-reduce: no probe
-                best, _ = self.probe(sequences_per_process(self.cfg, 1))
-                fits = f"; the largest micro-batch that fits is {best}: pass --batch_size={best}" if best else \
-                    "; not even one sequence fits: lower block_size or the model's size"
-            raise UserError(f"batch_size={size} does not fit in the memory of {self.rt.device}{fits} "
-                            f"(or --batch_size=auto)")
+        self._configured_batch_must_fit()
         if self.rt.ddp and self.syncing:
-            smaller = max(d for d in divisors(sequences_per_process(self.cfg, self.rt.world_size)) if d < size) \
-                if size > 1 else 1
             raise UserError(f"out of memory at step {self.iter + 1} in the backward pass that all-reduces the "
                             f"gradients, which one process cannot rerun alone; rerun with --resume "
-                            f"--batch_size={smaller}")
+                            f"--batch_size={self._smaller_micro_batch()}")
         if pieces >= size:
             raise UserError(f"out of memory at step {self.iter + 1} even with one sequence at a time; lower "
                             f"block_size or the model's size, or free the GPU's memory")
@@ -476,6 +482,33 @@ class Run:
         who = f"rank {self.rt.rank}: " if self.rt.ddp else ""
         print(f"{who}out of memory at step {self.iter + 1}: each micro-batch of {size} sequences now runs as "
               f"{self.plan.pieces} pieces; the step is run again, nothing is lost", flush=True)
+
+    def _optimizer_out_of_memory(self):
+        """Out of memory in the optimizer's step: some parameters may be updated already, so the step
+        cannot be run again; the last checkpoint is the state to resume, with a smaller micro-batch."""
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        memory.release(self.rt.device)
+        self._configured_batch_must_fit()
+        raise UserError(f"out of memory in the optimizer step of step {self.iter + 1}; {self.ckpt_path} is the last "
+                        f"good state: rerun with --resume --batch_size={self._smaller_micro_batch()}")
+
+    def _configured_batch_must_fit(self):
+        """A micro-batch set in the config that fails at once is a setting to fix: one line naming the
+        largest that fits (under DDP the other processes wait in this step's all-reduce: no probe)."""
+        if self.plan.chosen_by != "config" or self.iter != self.start_iter or self.restored:
+            return
+        fits = ""
+        if not self.rt.ddp:
+            best, _ = self.probe(sequences_per_process(self.cfg, 1))
+            fits = f"; the largest micro-batch that fits is {best}: pass --batch_size={best}" if best else \
+                "; not even one sequence fits: lower block_size or the model's size"
+        raise UserError(f"batch_size={self.plan.micro_batch} does not fit in the memory of {self.rt.device}{fits} "
+                        f"(or --batch_size=auto)")
+
+    def _smaller_micro_batch(self):
+        size = self.plan.micro_batch
+        return max([d for d in divisors(sequences_per_process(self.cfg, self.rt.world_size)) if d < size] or [1])
 
     def check_finite(self):
         """A non-finite loss stops the run before anything is saved: the last checkpoint stays good."""
@@ -495,6 +528,7 @@ class Run:
             planned = shared[0]
         if planned:
             self.time_plan, self.cfg.max_iters = planned, planned["max_iters"]
+            self.budget.decide_at = 0  # only now: until max_iters is set, the prefetch thread must go on
             if self.rt.master:
                 print(budget_line(planned), flush=True)
                 log.write(type="plan", iter=self.iter, time=log.elapsed(), **planned)
@@ -533,7 +567,6 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
     source}) for the micro-batch the plan settles on; describe(train source) -> (lines to print,
     fields for the checkpoints), e.g. finetuning's task mix. The selection of the evaluation losses
     picks the best checkpoint. Returns the final evaluation losses."""
-    check_out_dir(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     budget = TimeBudget(cfg, clock)  # --max_minutes counts from here
     if budget.decide_at:  # until the budget sets it, train at least as far as the measurement
@@ -583,7 +616,8 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
                     run.evaluate(eval_sources, log)
                 else:
                     run.save()
-                if rt.master:
+                if rt.master:  # under torchrun the exit status is torchrun's own: the log says why it ended
+                    log.write(type="stop", iter=run.iter, time=log.elapsed(), reason=stop.reason or "signal")
                     why = (f"--max_minutes={cfg.max_minutes:g} is near" if stop.reason == "time" else "asked to stop")
                     print(f"stopped at iteration {run.iter} of {cfg.max_iters} with a checkpoint ({why}); rerun "
                           f"with --resume to continue", flush=True)
@@ -603,8 +637,8 @@ def record_ranks(model, first_batch, rt, log):
     kept the replicas in sync while each process drew its own data and dropout)."""
     weights = sum(float(p.detach().double().sum()) for p in model.parameters())
     batch = float(first_batch.double().sum()) if first_batch is not None else None
-    mask = torch.nn.functional.dropout(torch.ones(64, device=rt.device), 0.5)
-    dropout = int((mask > 0).long() @ (2 ** torch.arange(64, device=rt.device) % 1_000_003))
+    mask = torch.nn.functional.dropout(torch.ones(64, device=rt.device), 0.5).cpu()  # CUDA has no integer dot
+    dropout = int((mask > 0).long() @ (2 ** torch.arange(64) % 1_000_003))
     sums = [None] * rt.world_size
     dist.all_gather_object(sums, {"rank": rt.rank, "first_batch": batch, "weights": weights, "dropout": dropout})
     if rt.master:

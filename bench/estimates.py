@@ -62,7 +62,7 @@ README_CARDS = ("T4", "A10G", "L4", "V100 16GB", "V100 32GB", "A100 40GB", "A100
 # measurements. Small widths leave big cards idle (modded-nanogpt's GPT-2-small runs are near 30% on
 # H100); the T4 and L4 throttle at their 70-72 W cap (a public T4 measurement: ~21 TFLOP/s on a 4096^3
 # fp16 matmul, 32% of peak) and the pre-Ampere cards have no flash attention.
-MFU = {"H200": 0.30, "H100 PCIe": 0.30, "H100": 0.30, "A100 80GB": 0.40, "A100 40GB": 0.40, "L40S": 0.35,
+MFU = {"H200": 0.30, "H100 PCIe": 0.30, "H100": 0.30, "A100 80GB": 0.40, "A100 40GB": 0.40, "L40S": 0.35, "L40": 0.35,
        "L4": 0.30, "A10G": 0.40, "RTX 4090": 0.35, "RTX 3090": 0.40, "V100 32GB": 0.30, "V100 16GB": 0.30,
        "T4": 0.20}
 BANDWIDTH_EFFICIENCY = 0.7  # share of the datasheet bandwidth a streaming read achieves

@@ -238,9 +238,10 @@ def measure_ddp(args):
 
 @torch.no_grad()
 def measure_generation(model, rt, tiny):
-    """Beam search (4 beams) and greedy decoding, eager and compiled, on the same prompts: new tokens/s
-    and seconds per step, at the largest batch of at most MAX_BATCH_ROWS rows that fits (halved on
-    running out of memory), and whether the two give the same tokens."""
+    """Beam search (4 beams) and greedy decoding, eager and compiled, on the same prompts: new tokens/s,
+    and seconds per decoding step (the prompt's pass, timed alone with one new token, taken out), at
+    the largest batch of at most MAX_BATCH_ROWS rows that fits (halved on running out of memory), and
+    whether the two give the same tokens."""
     model.eval()
     prompt_len, new, rows = (64, 8, 16) if tiny else (700, 64, MAX_BATCH_ROWS)
     g = torch.Generator().manual_seed(0)
@@ -249,7 +250,7 @@ def measure_generation(model, rt, tiny):
     for name, beams in (("beam4", 4), ("greedy", 1)):
         prompts = torch.randint(0, 50257, (rows // beams, prompt_len), generator=g).tolist()
 
-        def decode(batch):
+        def decode(batch, new=new):
             if beams > 1:
                 return batched_beam_search(model, batch, beams, new, no_repeat_ngram_size=3, stop_tokens=())
             return model.generate(batch, new, stop_tokens=())
@@ -268,16 +269,20 @@ def measure_generation(model, rt, tiny):
                         started = time.perf_counter()
                         tokens = decode(prompts)
                         synchronize(rt.device)
+                        elapsed = time.perf_counter() - started
+                        decode(prompts, 1)  # the prompt's pass, and no decoding step
+                        synchronize(rt.device)
+                        prompt_pass = time.perf_counter() - started - elapsed
                     break
                 except Exception as e:
                     if not memory.is_out_of_memory(e) or len(prompts) == 1:
                         raise
                 prompts = prompts[:len(prompts) // 2]
                 memory.release(rt.device)
-            elapsed = time.perf_counter() - started
             results[mode] = tokens
-            out[f"{name}_{mode}"] = {"prompts": len(prompts), "rows": len(prompts) * beams, "step_s": elapsed / new,
-                                     "tokens_per_s": sum(map(len, tokens)) / elapsed}
+            out[f"{name}_{mode}"] = {"prompts": len(prompts), "rows": len(prompts) * beams,
+                                     "step_s": max(elapsed - prompt_pass, 0.0) / (new - 1),
+                                     "prompt_pass_s": prompt_pass, "tokens_per_s": sum(map(len, tokens)) / elapsed}
         compiled_step = model.compiled_decoding
         out[f"{name}_same_tokens"] = sum(a == b for a, b in zip(results["eager"], results["compiled"]))
         out[f"{name}_prompts"] = len(prompts)

@@ -156,23 +156,28 @@ def test_a_finished_run_whose_settings_changed_is_moved_aside_not_deleted(tmp_pa
     assert (run_dir / "ckpt.pt").read_text() == "new"
 
 
-@pytest.mark.parametrize("how", ["max_minutes", "sigusr1"])
+@pytest.mark.parametrize("how", ["max_minutes", "max_minutes under torchrun", "sigusr1"])
 def test_a_training_step_stopped_before_its_end_stops_the_pipeline_with_a_rerun_hint(tmp_path, monkeypatch, capsys,
                                                                                    how):
-    """A step that ran out of --max_minutes (exit 75), or a pipeline that got SIGUSR1 (SLURM's warning)
-    while its step stopped: the pipeline stops too, says to rerun, and starts no further step."""
+    """A step that ran out of --max_minutes (exit 75; under torchrun, whose exit status is its own, the
+    run's log says so), or a pipeline that got SIGUSR1 (SLURM's warning), passed on to its step: the
+    pipeline stops too, says to rerun, and starts no further step."""
     import pipeline as pl
     monkeypatch.setattr(pl, "SIGUSR1_SEEN", [])
     previous = signal.signal(signal.SIGUSR1, pl.wait_for_the_step)
-    # the step: under torchrun the launcher exits 1 after passing the signal on to its workers
-    code = "raise SystemExit(75)" if how == "max_minutes" else \
-        "import os, signal; os.kill(os.getppid(), signal.SIGUSR1); raise SystemExit(1)"
+    (tmp_path / "run").mkdir()
+    if how == "max_minutes under torchrun":
+        (tmp_path / "run" / "metrics.jsonl").write_text('{"type": "train", "iter": 10}\n'
+                                                       '{"type": "stop", "iter": 10, "reason": "time"}\n')
+    code = {"max_minutes": "raise SystemExit(75)", "max_minutes under torchrun": "raise SystemExit(1)",
+            # the step tells the pipeline, which passes the signal on to it (it then dies of it: no handler)
+            "sigusr1": "import os, signal, time; os.kill(os.getppid(), signal.SIGUSR1); time.sleep(30)"}[how]
     step = pl.Step("pretrain", [sys.executable, "-c", code], [], [], resumable_dir=str(tmp_path / "run"))
     try:
         with pytest.raises(SystemExit) as stopped:
             pl.run_step(step, str(tmp_path / "stamps"), dry_run=False)
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    assert stopped.value.code == (75 if how == "max_minutes" else 130)
+    assert stopped.value.code == (130 if how == "sigusr1" else 75)
     assert "stopped with a checkpoint before the end" in capsys.readouterr().out
     assert not (tmp_path / "stamps" / "pretrain.json").exists()  # not taken for finished

@@ -118,6 +118,23 @@ def test_running_out_of_memory_later_reruns_the_step_in_pieces_and_loses_nothing
     assert all(torch.allclose(plain[k], oom[k], rtol=0, atol=1e-5) for k in plain)
 
 
+def test_running_out_of_memory_in_the_optimizer_step_is_one_line_naming_a_smaller_micro_batch(corpus, monkeypatch):
+    """Some parameters may already be updated: the step cannot be rerun, the last checkpoint is kept."""
+    step, calls = torch.optim.AdamW.step, []
+
+    def adamw_step(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # the third step
+            raise inject_fault.out_of_memory(0)
+        return step(self, *args, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", adamw_step)
+    with pytest.raises(UserError, match=r"out of memory in the optimizer step of step 3; .*ckpt.pt is the last good "
+                                        r"state: rerun with --resume --batch_size=3"):
+        train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o", "--max_iters=6", "--batch_size=4",
+                           f"--tokens_per_step={SEQUENCES * 32}", "--eval_interval=2", "--optimizer=adamw"])
+    assert load_checkpoint(str(corpus / "o" / "ckpt.pt"))["iter_num"] == 2
+
+
 def test_the_batch_settings_are_checked_with_one_line(corpus):
     cases = [
         (["--batch_size=auto"], "batch_size=auto needs tokens_per_step"),
@@ -175,13 +192,15 @@ def test_max_minutes_leaves_room_for_the_next_steps_an_evaluation_and_a_checkpoi
 
 
 def test_sigusr1_stops_like_sigterm_and_the_signal_handlers_are_put_back(corpus, monkeypatch):
-    """SLURM's --signal=USR1@120 warns a job before its time is up."""
+    """SLURM's --signal=USR1@120 warns a job before its time is up. It reaches a torchrun worker twice
+    (from SLURM and from torchrun passing it on): a repeat is the same request, not an abort."""
     args = TINY + [f"--data_dir={corpus}", "--max_iters=12", "--eval_interval=5", "--dropout=0.1"]
     train.main(args + [f"--out_dir={corpus}/full"])
     measure = trainer.Throughput.measure
 
     def measure_then_signal(self, it, max_iters):
         if it == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
             os.kill(os.getpid(), signal.SIGUSR1)
         return measure(self, it, max_iters)
     before = signal.getsignal(signal.SIGUSR1)
