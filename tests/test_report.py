@@ -25,8 +25,10 @@ ARCH = dict(block_size=64, vocab_size=512, n_layer=2, n_head=2, n_embd=32, pos_e
             mlp="swiglu", tie_embeddings=True)
 
 
-def write_metrics(path, iters, tasks=None):
+def write_metrics(path, iters, tasks=None, plans=()):
     with open(path, "w") as f:
+        for plan in plans:  # trainer.py's plan records: the start's figures, a time budget's decision
+            f.write(json.dumps({"type": "plan", "iter": 0, "time": 0.5, **plan}) + "\n")
         for it in iters:
             if it % 10 == 0:
                 losses = {t: 3.0 - it / 100 + k for k, t in enumerate(tasks or ["val"])}
@@ -35,7 +37,8 @@ def write_metrics(path, iters, tasks=None):
                                     **{f"val/{t}": v for t, v in losses.items()}}) + "\n")
             if it:
                 f.write(json.dumps({"type": "train", "iter": it, "time": 1.5 + it, "loss": 4.0 - it / 50, "lr": 1e-3,
-                                    "ms_per_iter": 250.0, "tokens_per_s": 1234.0 + it, "mfu": 0.01}) + "\n")
+                                    "ms_per_iter": 250.0, "tokens_per_s": 1234.0 + it, "mfu": 0.01,
+                                    "eta_s": 250.0 * (40 - it), "peak_mem_mib": 1000.0 + it}) + "\n")
         f.write('{"type": "train", "iter": 9')  # a half-written line of a run still going
 
 
@@ -79,7 +82,12 @@ def run(tmp_path):
     pre_cfg = TrainConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=4, max_iters=40,
                           data_dir=str(tmp_path / "data" / "owt"))
     model = save_checkpoint(run / "pretrain" / "ckpt.pt", pre_cfg, iter_num=40, best_val_loss=2.6)
-    write_metrics(run / "pretrain" / "metrics.jsonl", range(0, 41))
+    start = {"params": 160_000, "non_embedding_params": 40_000, "tokens_per_step": 256, "steps": 40, "tokens": 10_240,
+             "train_flops": 2.5e9, "micro_batch": 4, "accumulation": 1, "pieces": 1, "processes": 1,
+             "batch_chosen_by": "memory probe", "ckpt_bytes": 1_920_000, "best_bytes": 640_000, "batch_tries": []}
+    budget = {"budget_hours": 0.5, "max_iters": 40, "measured": [2, 11], "step_s": 0.25, "eval_s": 1.0,
+              "save_s": 0.5, "seconds_left": 1700.0}
+    write_metrics(run / "pretrain" / "metrics.jsonl", range(0, 41), plans=(start, budget))
     tasks = ["cnn_dailymail", "squad", "sst2"]
     ft_cfg = FinetuneConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=2, max_iters=20,
                             task_weights="cnn_dailymail:2,squad:2,sst2:1", finetune_dir=str(tmp_path / "data" / "ft"))
@@ -133,6 +141,11 @@ def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
     assert f"{run.squad_f1:.2f}" in text and "50.00" in text  # this model's F1, SST-2 accuracy
     assert f"{run.params:,}" in text and "rmsnorm" in text and "swiglu" in text and "tied" in text
     assert "1,234 tokens/s" not in text and "1,254 tokens/s" in text  # the median of 1234 + it, it = 1..40
+    # the plan the run logged at its start, its time budget and the peak memory its log lines saw
+    assert "| plan at the start | 10.24k tokens, 2.50e+09 training FLOPs; micro-batch 4 x 1 accumulated over 1 " \
+           "process(es) (by memory probe); checkpoints 0.00 GB |" in text
+    assert "| time budget | 0.5 h: 0.25 s per step measured -> 40 steps |" in text
+    assert "| peak memory | 1.0 GiB |" in text  # 1040 MiB
     assert "40.34" in text and "See et al. 2017" in text and "29.34" in text and "88.5" in text and "93.5" in text
     assert "CNN-only" in text and "question-overlap sentence" in text and "perplexity 25.8" in text
     assert "finetune.py --x=1" in text and "skipped" in text and "--preset smoke" in text
