@@ -19,6 +19,14 @@ class UserError(Exception):
     """A problem the user can fix; scripts print it as one line, without a traceback."""
 
 
+def human(n):
+    """A count for people: 1.31B, 10.24k."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return f"{n:g}"
+
+
 def run_main(main):
     """Call main() and turn a UserError into `error: ...` on stderr and exit status 2."""
     try:

@@ -21,7 +21,7 @@ import torch
 
 import tasks
 from config import FinetuneConfig, parse_config
-from data import FinetuneMixture, TokenWindows, loss_token_fraction
+from data import FinetuneMixture, TokenWindows
 from checkpoint import pretrained_model
 from runtime import choose_attention, setup_runtime
 from trainer import train
@@ -113,8 +113,7 @@ def main(argv=None):
         mix, total = realised_mix(train_source), sum(weights.values())
         drawn = sum(mix["examples"].values())
         lines = ["task mix: " + ", ".join(f"{n} {w / total:.1%}" for n, w in weights.items()) +
-                 f"; replay text {cfg.replay_fraction:.0%} of positions and of the loss; "
-                 f"{loss_token_fraction(train_source):.1%} of batch tokens carry loss",
+                 f"; replay text {cfg.replay_fraction:.0%} of positions and of the loss",
                  f"realised in the first {mix['batches']} batches: " + ", ".join(
                      f"{n} {c / max(drawn, 1):.1%}" for n, c in mix["examples"].items()) + " of examples"]
         return lines, {"realised_mix": mix}

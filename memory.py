@@ -47,7 +47,7 @@ def peak_mib(device):
     """Peak memory so far, for the log: allocated on CUDA, else the process's peak resident set (None
     where the platform does not say)."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+        return peak(device) / 2 ** 20
     try:
         import resource
     except ImportError:  # Windows

@@ -17,6 +17,7 @@ deleted. Deleting an output reruns that step and the steps after it that read it
 """
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -78,6 +79,7 @@ def python_cmd(script, cfg):
     return [sys.executable, in_repo(script)]
 
 
+@functools.cache
 def torchrun_signal_flags():
     """torchrun passes on only SIGTERM, SIGINT, SIGHUP and SIGQUIT by default: add SIGUSR1 (what SLURM's
     --signal sends before a job's time is up) and give the workers time to write their checkpoint,

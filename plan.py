@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import UserError
+from common import UserError, human
 from config import AUTO
 
 MEASURED_STEPS = 10  # --budget_hours times this many steps, after the first (which compiles)
@@ -115,10 +115,6 @@ def figures_line(f):
             f"process(es) = {f['tokens_per_step']:,} tokens per step; {f['steps']:,} steps = {human(f['tokens'])} "
             f"tokens, {f['train_flops']:.2e} FLOPs; checkpoints {f['ckpt_bytes'] / 1e9:.2f} GB (ckpt.pt) and "
             f"{f['best_bytes'] / 1e9:.2f} GB (best)")
-
-
-def human(n):
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 class TimeBudget:

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import tasks  # noqa: E402
-from common import UserError, atomic_path, run_main  # noqa: E402
+from common import UserError, atomic_path, human, run_main  # noqa: E402
 from datacard import data_section, markdown_table as table  # noqa: E402
 from metrics import confidence_intervals  # noqa: E402
 from provenance import provenance_line, relative, user_command  # noqa: E402
@@ -91,13 +91,6 @@ def wall_seconds(lines):
             total += last
         last = r["time"]
     return total + last
-
-
-def human(n):
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f}{unit}"
-    return f"{n:g}"
 
 
 def tokens_per_step(cfg):

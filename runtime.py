@@ -59,6 +59,11 @@ GPUS = (
 )
 
 
+def known_gpu(name):
+    """The GPUS entry of a card, by the name CUDA gives it (None for a card not in the catalogue)."""
+    return next((gpu for gpu in GPUS if gpu.match in name), None)
+
+
 @dataclasses.dataclass
 class DevicePlan:
     """How this process uses its device, decided once at startup from what the device is (on CUDA,
@@ -340,8 +345,8 @@ def peak_flops(device, configured=0.0):
     if configured:
         return configured
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((gpu.peak_flops for gpu in GPUS if gpu.match in name), 0.0)
+        known = known_gpu(torch.cuda.get_device_name(device))
+        return known.peak_flops if known else 0.0
     if device.type == "cpu":
         a = torch.ones(1024, 1024)  # not randn: must not move the RNG a resumed run restored
         a @ a

@@ -116,8 +116,8 @@ class MetricsLog:
         self.path, keep = path, []
         if resume_iter is not None and os.path.exists(path):
             with open(path) as f:  # a stop record says why the last session ended: not this one's
-                keep = [line for line in f if line.strip() and json.loads(line).get("iter", 0) <= resume_iter
-                        and json.loads(line).get("type") != "stop"]
+                records = [(line, json.loads(line)) for line in f if line.strip()]
+            keep = [line for line, r in records if r.get("iter", 0) <= resume_iter and r.get("type") != "stop"]
             with open(path, "w") as f:
                 f.writelines(keep)
         elif resume_iter is None and os.path.exists(path):
@@ -586,9 +586,12 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
         if rt.master:
             print("\n".join(lines))
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), run.iter if cfg.resume else None) if rt.master else None
-    speed = Throughput(cfg, run.raw_model, rt, loss_token_fraction(train_source), run.iter)
+    loss_fraction = loss_token_fraction(train_source)
+    speed = Throughput(cfg, run.raw_model, rt, loss_fraction, run.iter)
     figures = start_figures(run.raw_model, run.optimizers, cfg, run.plan, speed.flops_per_iter, rt.world_size)
     if rt.master:
+        if loss_fraction < 1:
+            print(f"{loss_fraction:.1%} of batch tokens carry loss (only they go through the output layer)")
         print(f"{rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}")
         print(figures_line(figures), flush=True)
         log.write(type="plan", iter=run.iter, time=log.elapsed(), **figures, batch_tries=run.plan.tries)

@@ -60,7 +60,7 @@ from config import FinetuneConfig, TrainConfig, parse_config  # noqa: E402
 from data import RandomTokens, TokenWindows, open_tokens, to_device  # noqa: E402
 from generation import batched_beam_search, compile_decoding  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from runtime import GPU, GPUS, choose_attention, setup_runtime, synchronize  # noqa: E402
+from runtime import GPU, choose_attention, known_gpu, setup_runtime, synchronize  # noqa: E402
 from scoring import MAX_BATCH_ROWS, evaluate_owt  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
@@ -295,7 +295,7 @@ def current_card(device, tiny):
     if device.type != "cuda":
         return GPU("CPU stand-in", "cpu", (8, 0), 16.0, 1e12, 50e9)
     props = torch.cuda.get_device_properties(device)
-    known = next((g for g in GPUS if g.match in props.name), None)
+    known = known_gpu(props.name)
     return dataclasses.replace(known or GPU(props.name, props.name, (props.major, props.minor), 0, 0, 0),
                                label=props.name, memory_gib=props.total_memory / 2 ** 30)
 
