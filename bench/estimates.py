@@ -185,15 +185,16 @@ def micro_batch(gpu, model, run, dtype, gpus=1):
     """The largest divisor of a process's share of the step's sequences whose estimated peak (static +
     b * per_sequence bytes) stays under the budget, 0 when not even one sequence fits; and those three
     figures."""
-    per_seq, fixed = activation_bytes(model.config, dtype, run.loss_fraction)
+    activations, fixed = activation_bytes(model.config, dtype, run.loss_fraction)
     logits = model.config.block_size * (run.loss_fraction or 1.0) * model.config.vocab_size
-    per_seq += LOSS_TRANSIENT_BYTES * logits
+    per_seq = activations + LOSS_TRANSIENT_BYTES * logits
     static = state_bytes(model, run.cfg.optimizer) + fixed
     budget = MARGIN * (gpu.memory_gib - CUDA_CONTEXT_GIB) * 2 ** 30
     n = run.sequences_per_step // gpus
     sizes = [b for b in range(1, n + 1) if n % b == 0]
     fitting = [b for b in sizes if static + b * per_seq <= budget]
-    return (max(fitting) if fitting else 0), {"per_sequence": per_seq, "static": static, "budget": budget}
+    return (max(fitting) if fitting else 0), {"activations": activations, "per_sequence": per_seq, "static": static,
+                                              "budget": budget}
 
 
 @dataclasses.dataclass
