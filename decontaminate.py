@@ -6,8 +6,10 @@ text is dropped, so pretraining cannot have seen the test articles, contexts or 
 Words are normalized by lowercasing, deleting punctuation and splitting on whitespace, so
 "The U.S. isn't" and "the us isnt" are the same three words. Each word gets a stable 64-bit
 hash (blake2b, not Python's per-process salted hash()), and each run of n words is combined
-into one uint64. A text shorter than n words has no n-grams: it contributes nothing to an
-index and can never match one.
+into one uint64. An evaluation text shorter than n words has no n-gram, so it is matched
+whole instead: a document containing its MIN_WORDS..n-1 normalized words as one run is dropped
+(most SST-2 sentences and SQuAD questions are that short). Texts under MIN_WORDS words ("a
+great film") are too common to mean contamination; they are counted, not matched.
 """
 import functools
 import hashlib
@@ -16,6 +18,7 @@ import re
 import numpy as np
 
 N = 13
+MIN_WORDS = 5  # shortest evaluation text matched whole
 _PUNCT = re.compile(r"[^\w\s]|_")  # everything but letters, digits and whitespace
 _MUL = np.uint64(0x9E3779B97F4A7C15)  # odd, so each step is invertible mod 2**64
 
@@ -39,57 +42,100 @@ def _mix(h):
     return h ^ (h >> np.uint64(31))
 
 
+def _word_hashes(words):
+    return np.fromiter((_word_hash(x) for x in words), dtype=np.uint64, count=len(words))
+
+
+def _runs(w, lengths):
+    """Yield (k, unmixed hashes of every run of k consecutive words) for k = 1..max(lengths),
+    for the k in lengths. Each k extends the k-1 runs by one word (a polynomial in _MUL; uint64
+    arrays wrap silently), so all lengths cost what the longest alone does."""
+    h = w
+    for k in range(1, max(lengths) + 1):
+        if k > 1:
+            h = h[:-1] * _MUL + w[k - 1:]
+        if k in lengths and h.size:
+            yield k, h
+
+
 def ngram_hashes(text, n=N):
     """uint64 hashes of every run of n consecutive normalized words (empty if fewer words)."""
     words = normalize_words(text)
     if len(words) < n:
         return np.empty(0, dtype=np.uint64)
-    w = np.fromiter((_word_hash(x) for x in words), dtype=np.uint64, count=len(words))
-    count = len(words) - n + 1
-    h = np.zeros(count, dtype=np.uint64)
-    for k in range(n):  # polynomial in _MUL over the n words; uint64 arrays wrap silently
-        h = h * _MUL + w[k:k + count]
-    return _mix(h)
+    return _mix(dict(_runs(_word_hashes(words), {n}))[n])
+
+
+def text_hash(words):
+    """The hash of a whole text of fewer than n words, as _runs hashes a run of that length."""
+    return int(_mix(dict(_runs(_word_hashes(words), {len(words)}))[len(words)])[0])
+
+
+def _sorted_unique(arrays):
+    # sort + drop repeats: np.unique is ~50x slower on large uint64 arrays in numpy 2.4
+    h = np.sort(np.concatenate(arrays))
+    return h[np.concatenate(([True], h[1:] != h[:-1]))] if h.size else h
+
+
+def _member(sorted_hashes, h):
+    """True if any of h is in sorted_hashes."""
+    h = np.sort(h)  # sorted queries let searchsorted narrow each search from the previous one
+    pos = np.minimum(np.searchsorted(sorted_hashes, h), len(sorted_hashes) - 1)
+    return bool(np.any(sorted_hashes[pos] == h))
 
 
 class NgramIndex:
-    """A set of n-gram hashes stored as one sorted unique uint64 array (8 bytes per n-gram,
-    where a Python set of ints would take ~70)."""
+    """The n-grams of the long evaluation texts, stored as one sorted unique uint64 array (8 bytes
+    per n-gram, where a Python set of ints would take ~70), and the whole-text hashes of the short
+    ones (MIN_WORDS..n-1 words), one sorted array per length."""
 
     _MERGE_EVERY = 1 << 22  # fold pending hashes in every ~4M, bounding peak memory
 
-    def __init__(self, texts=(), n=N):
-        self.n = n
+    def __init__(self, texts=(), n=N, min_words=MIN_WORDS):
+        self.n, self.min_words = n, min_words
         self.hashes = np.empty(0, dtype=np.uint64)
-        pending, size = [], 0
+        self.too_short = 0  # texts under min_words: counted, never matched
+        pending, size, short = [], 0, {}
         for text in texts:
-            h = ngram_hashes(text, n)
-            pending.append(h)
-            size += h.size
+            words = normalize_words(text)
+            if len(words) >= n:
+                pending.append(ngram_hashes(text, n))
+                size += pending[-1].size
+            elif len(words) >= min_words:
+                short.setdefault(len(words), []).append(text_hash(words))
+            else:
+                self.too_short += 1
             if size >= self._MERGE_EVERY:
                 self._merge(pending)
                 pending, size = [], 0
         self._merge(pending)
+        self.short = {k: _sorted_unique([np.array(v, dtype=np.uint64)]) for k, v in short.items()}
 
     def _merge(self, parts):
         if parts:
-            # sort + drop repeats: np.unique is ~50x slower on large uint64 arrays in numpy 2.4
-            h = np.sort(np.concatenate([self.hashes] + parts))
-            self.hashes = h[np.concatenate(([True], h[1:] != h[:-1]))]
+            self.hashes = _sorted_unique([self.hashes] + parts)
 
     def __len__(self):
         return int(self.hashes.size)
 
+    @property
+    def short_texts(self):
+        """Distinct short texts matched whole."""
+        return sum(int(h.size) for h in self.short.values())
+
     def contains_any(self, text):
-        """True if any n-gram of `text` is in the index."""
-        if not len(self):
+        """True if any n-gram of `text` is in the index, or any short evaluation text appears in it
+        as a run of whole words."""
+        words = normalize_words(text)
+        lengths = {k for k in self.short if k <= len(words)}
+        if len(self) and len(words) >= self.n:
+            lengths.add(self.n)
+        if not lengths:
             return False
-        h = ngram_hashes(text, self.n)
-        if not h.size:
-            return False
-        h.sort()  # sorted queries let searchsorted narrow each search from the previous one
-        pos = np.minimum(np.searchsorted(self.hashes, h), len(self) - 1)
-        return bool(np.any(self.hashes[pos] == h))
+        for k, h in _runs(_word_hashes(words), lengths):
+            if _member(self.hashes if k == self.n else self.short[k], _mix(h)):
+                return True
+        return False
 
 
 def eval_texts(task_names=None, data_root=None):

@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
     p.add_argument("--seed", type=int, default=0, help="salts the train/val split hash")
     p.add_argument("--decontaminate", action="store_true", help="drop documents sharing a 13-word span "
-                   "(case and punctuation ignored) with the finetuning tasks' evaluation texts")
+                   "(case and punctuation ignored) with the finetuning tasks' evaluation texts, or containing "
+                   "a shorter one (5-12 words) whole")
     p.add_argument("--data-root", help="local task data for --decontaminate, e.g. ../shared/data; "
                    "default: the hub")
     args = p.parse_args(argv)
@@ -210,6 +211,9 @@ def prepare(args):
         "splits": stats["splits"], "source_bytes": stats["source_bytes"], "stopped_by": stats["stopped_by"],
         "decontamination": {"enabled": args.decontaminate, "n": decontaminate.N,
                             "eval_ngrams": len(index) if index is not None else 0,
+                            "min_words": decontaminate.MIN_WORDS,
+                            "short_texts_matched_whole": index.short_texts if index is not None else 0,
+                            "texts_too_short": index.too_short if index is not None else 0,
                             "documents_dropped": stats["dropped"]},
         "args": vars(args),
     }
@@ -222,8 +226,11 @@ def report(meta, out):
     for name, s in meta["splits"].items():
         print(f"{name}: {s['tokens']:,} tokens in {s['documents']:,} documents")
     if meta["decontamination"]["enabled"]:
-        print(f"decontamination: dropped {meta['decontamination']['documents_dropped']:,} documents sharing a "
-              f"13-word span with the evaluation texts ({meta['decontamination']['eval_ngrams']:,} n-grams)")
+        d = meta["decontamination"]
+        print(f"decontamination: dropped {d['documents_dropped']:,} documents sharing a 13-word span with the "
+              f"evaluation texts ({d['eval_ngrams']:,} n-grams) or containing one of the "
+              f"{d['short_texts_matched_whole']:,} shorter ones ({d['min_words']}-12 words) whole; "
+              f"{d['texts_too_short']:,} texts under {d['min_words']} words are not matched")
     if meta["splits"]["val"]["documents"] == 0:
         print("warning: val is empty; raise --val-fraction or use more documents")
     print(f"wrote {out}/train.bin, val.bin, meta.json")

@@ -283,12 +283,32 @@ def test_normalization_and_hashes():
 
 
 def test_ngram_index():
-    index = decontaminate.NgramIndex([EVAL_TEXT, EVAL_TEXT, TWELVE, "short"])
-    assert len(index) == len(EVAL_TEXT.split()) - 12  # duplicates and short texts add nothing
+    index = decontaminate.NgramIndex([EVAL_TEXT, EVAL_TEXT, "short"])
+    assert len(index) == len(EVAL_TEXT.split()) - 12  # duplicates add nothing
     assert index.hashes.dtype == np.uint64 and np.all(index.hashes[1:] > index.hashes[:-1])
     assert index.contains_any(PLANTED)
-    assert not any(index.contains_any(t) for t in UNRELATED + [TWELVE, ""])
+    assert not any(index.contains_any(t) for t in UNRELATED + [TWELVE, ""])  # 12 words of it: no 13-gram
     assert not decontaminate.NgramIndex([]).contains_any(PLANTED)
+    assert (index.short_texts, index.too_short) == (0, 1)  # "short" is under MIN_WORDS: counted only
+
+
+SHORT_REVIEW = "a gorgeous , witty , seductive movie ."  # an SST-2 sentence of 5 words
+
+
+def test_short_texts_are_matched_whole():
+    """Evaluation texts too short for a 13-gram (most SST-2 sentences) are matched as a run of whole
+    words; texts under MIN_WORDS words are too common to match and only counted."""
+    index = decontaminate.NgramIndex([SHORT_REVIEW, TWELVE, "a great film ."])
+    assert len(index) == 0 and index.short_texts == 2 and index.too_short == 1
+    assert index.contains_any("Critics agreed: A gorgeous, witty, seductive movie! Go see it.")
+    assert index.contains_any(UNRELATED[2])  # TWELVE, then other words
+    assert not index.contains_any("a gorgeous, witty, seductive film")  # one word differs
+    assert not index.contains_any("gorgeous witty seductive movie")  # four of its five words
+    assert not index.contains_any("It was a great film.")  # under MIN_WORDS: never matched
+    assert not index.contains_any("a gorgeous witty seductive moviegoer")  # whole words only
+    # the whole-text hash is the hash of the same run inside a longer text
+    words = decontaminate.normalize_words(SHORT_REVIEW)
+    assert decontaminate.text_hash(words) == decontaminate.ngram_hashes("x " + SHORT_REVIEW + " y", n=5)[1]
 
 
 def test_prepare_decontaminate(tmp_path, enc, monkeypatch, capsys):
@@ -306,6 +326,7 @@ def test_prepare_decontaminate(tmp_path, enc, monkeypatch, capsys):
     assert split_docs(tmp_path / "owt/train.bin", enc) == UNRELATED
     d = meta["decontamination"]
     assert d["enabled"] and d["documents_dropped"] == 2 and d["eval_ngrams"] == len(EVAL_TEXT.split()) - 12
+    assert (d["min_words"], d["short_texts_matched_whole"], d["texts_too_short"]) == (5, 0, 0)
     assert "dropped 2 documents" in capsys.readouterr().out
 
 
@@ -323,3 +344,9 @@ def test_load_eval_index_uses_tasks(monkeypatch):
     assert len(index) == len(n_grams) > 0
     long = next(t for t in sentences if len(decontaminate.normalize_words(t)) >= 13)
     assert index.contains_any("Before. " + long.upper() + " After.")
+    lengths = [len(decontaminate.normalize_words(t)) for t in sentences]
+    assert index.too_short == sum(n < 5 for n in lengths) > 0
+    assert index.short_texts == len({" ".join(decontaminate.normalize_words(t)) for t in sentences
+                                     if 5 <= len(decontaminate.normalize_words(t)) < 13}) > 200
+    short = next(t for t in sentences if 5 <= len(decontaminate.normalize_words(t)) < 13)
+    assert index.contains_any("A review said " + short + " and more.")  # a short SST-2 sentence is dropped
