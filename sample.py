@@ -60,7 +60,7 @@ def parse_args(argv=None):
                       help="the task's input from a file: the article (cnn_dailymail), the passage (squad), "
                            "the sentence (sst2)")
     text.add_argument("--text", help="the task's input given inline, instead of --input FILE")
-    task.add_argument("--question", help="squad's question about the passage")
+    task.add_argument("--question", help=f"the question about the input ({', '.join(question_tasks())})")
     task.add_argument("--shots", type=int, help="K solved training examples before the prompt, as evaluate.py "
                                                 "--shots (0: zero-shot); default: the finetuning prompt alone")
     task.add_argument("--data-root", help="where --shots finds the training examples, e.g. ../shared/data")
@@ -72,6 +72,10 @@ def parse_args(argv=None):
     else:
         check_free_form_args(args)
     return args
+
+
+def question_tasks():
+    return [t.name for t in tasks.TASKS.values() if t.question_label]
 
 
 def flag(name):
@@ -103,11 +107,10 @@ def check_task_args(args):
     what = task.input_label.lower()
     if args.input is None and args.text is None:
         raise UserError(f"--task {task.name} needs the {what}: --input FILE (or --context FILE) or --text \"...\"")
-    with_question = [t.name for t in tasks.TASKS.values() if t.question_label]
     if task.question_label and not args.question:
         raise UserError(f"--task {task.name} needs --question \"...\" about the {what}")
     if args.question is not None and not task.question_label:
-        raise UserError(f"--question is for {', '.join(with_question)}; --task {task.name} takes only the {what}")
+        raise UserError(f"--question is for {', '.join(question_tasks())}; --task {task.name} takes only the {what}")
     if args.shots is not None and args.shots < 0:
         raise UserError(f"--shots must be 0 (zero-shot) or more, got {args.shots}")
     args.texts = task_texts(args, task)  # read now: a missing file fails before the model loads
