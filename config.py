@@ -64,6 +64,9 @@ class TrainConfig(GPTConfig):
     eval_interval: int = 100  # steps between evaluations (each also writes ckpt.pt)
     eval_iters: int = 20  # batches per validation estimate
     log_interval: int = 10  # steps between log lines (the only host syncs)
+    wandb_log: bool = False  # also send metrics.jsonl's records to Weights & Biases (pip install wandb)
+    wandb_project: str = "buildgpt"  # the W&B project
+    wandb_run_name: str = ""  # the W&B run's name; "": out_dir's
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto (bf16 or fp16 on GPU, fp32 elsewhere) | float32 | bfloat16 | float16

@@ -53,6 +53,14 @@ class TokenWindows:
         return inputs_and_targets(torch.from_numpy(rows)) + (None, None, None)
 
 
+def check_mix_options(replay_fraction, average):
+    """The mixture's own settings, checkable before any data is opened (finetune.py does so first)."""
+    if average not in ("example", "token"):
+        raise UserError(f"task_average={average!r}; choose example or token")
+    if not 0 <= replay_fraction < 1:
+        raise UserError(f"replay_fraction={replay_fraction} must be at least 0 and below 1")
+
+
 class FinetuneMixture:
     """Rows packed with whole task examples (prompt + target + EOT) drawn by task weight, plus
     replay_fraction of the batch's positions as one window of pretraining text (so replay gets
@@ -66,10 +74,7 @@ class FinetuneMixture:
 
     def __init__(self, splits, weights, block_size, batch_size, seed, split_id=0,
                  replay=None, replay_fraction=0.0, average="example", isolate=True):
-        if average not in ("example", "token"):
-            raise UserError(f"average={average!r}; choose example or token")
-        if not 0 <= replay_fraction < 1:
-            raise UserError(f"replay_fraction={replay_fraction} must be at least 0 and below 1")
+        check_mix_options(replay_fraction, average)
         self.splits, self.names = [splits[n] for n in splits], list(splits)
         w = np.array([weights[n] for n in self.names], dtype=np.float64)
         self.weights = w / w.sum()

@@ -21,7 +21,7 @@ import torch
 
 import tasks
 from config import FinetuneConfig, parse_config
-from data import FinetuneMixture, TokenWindows
+from data import FinetuneMixture, TokenWindows, check_mix_options
 from checkpoint import pretrained_model
 from runtime import choose_attention, setup_runtime
 from trainer import train
@@ -30,8 +30,13 @@ from trainer import train
 def task_weights(cfg, names, sizes):
     """Sampling weight per task: given explicitly, or each task's size capped at mix_cap (so a
     huge task does not drown the small ones)."""
+    return given_weights(cfg, names) or {n: float(min(sizes[n], cfg.mix_cap)) for n in names}
+
+
+def given_weights(cfg, names):
+    """task_weights as {task: weight}, checked against the tasks; None when not given."""
     if not cfg.task_weights:
-        return {n: float(min(sizes[n], cfg.mix_cap)) for n in names}
+        return None
     weights = {}
     for item in cfg.task_weights.split(","):
         name, _, value = item.partition(":")
@@ -86,9 +91,20 @@ def realised_mix(source, min_examples=2000, max_batches=1000):
             "replay_positions": source.replay_len / (source.batch_size * source.room)}
 
 
+def check_settings(cfg):
+    """The run's own settings, before any data or checkpoint is looked for: a mistyped task_weights
+    is reported even where the data is not prepared yet. Returns the task names."""
+    names = [task.name for task in tasks.task_list(cfg.tasks)]
+    given_weights(cfg, names)
+    check_mix_options(cfg.replay_fraction, cfg.task_average)
+    if cfg.mix_cap < 1:
+        raise UserError(f"mix_cap={cfg.mix_cap} must be at least 1 (examples a task counts for at most)")
+    return names
+
+
 def main(argv=None):
     cfg = parse_config(FinetuneConfig, sys.argv[1:] if argv is None else argv)
-    names = [task.name for task in tasks.task_list(cfg.tasks)]
+    names = check_settings(cfg)
     rt = setup_runtime(cfg.device, cfg.dtype, cfg.num_threads, cfg.backend)
     torch.manual_seed(cfg.seed)
     model = pretrained_model(cfg)

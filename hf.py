@@ -9,6 +9,7 @@ Other combinations (RoPE with LayerNorm, learned positions with RMSNorm, ...) ha
 class and are refused. transformers is imported only when needed, so the rest of the toolkit
 works without it.
 """
+import fnmatch
 import json
 import math
 import os
@@ -28,6 +29,10 @@ TOKENIZER_FILES = {"vocab.json": ("encoder.json", "196139668be63f3b5d6574427317a
 # our mlp -> GPT-2's activation_function; import also accepts the other names of tanh GELU
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu2": "relu2"}
 GPT2_ACTIVATION_ALIASES = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh"}
+# the names an export writes (save_pretrained's, sharded or not, and the tokenizer's) and its unfinished
+# temporary folder: a folder holding only these is an earlier export, which --overwrite may replace
+EXPORT_NAMES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                *TOKENIZER_FILES, "tokenizer_config.json", ".export-*")
 RMS_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps for float32 (model.Norm passes none)
 LAYERNORM_EPS = 1e-5  # model.Norm's
 
@@ -231,9 +236,32 @@ def write_tokenizer(out_dir, block_size):
                    "model_max_length": block_size, "add_prefix_space": False}, f, indent=2)
 
 
+def is_export_file(name):
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in EXPORT_NAMES)
+
+
+def check_export_folder(out_dir, overwrite=False):
+    """An export goes into a new or empty folder, or over an earlier export (with overwrite): never
+    among other files, such as a run's checkpoints and report."""
+    if not os.path.isdir(out_dir):
+        if os.path.exists(out_dir):
+            raise UserError(f"--out {out_dir} is a file, not a folder; choose a new folder, e.g. {out_dir}_hf")
+        return
+    names = sorted(os.listdir(out_dir))
+    others = [n for n in names if not is_export_file(n)]
+    if others:
+        shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+        raise UserError(f"--out {out_dir} holds other files ({shown}); export into a new or empty folder, "
+                        f"e.g. --out {os.path.join(out_dir, 'hf')}")
+    if names and not overwrite:
+        raise UserError(f"--out {out_dir} holds an earlier export; pass --overwrite to replace it, or choose "
+                        f"a new folder")
+
+
 def export(model, out_dir):
     """Write model (our GPT) as a transformers folder: config.json, model.safetensors,
-    generation_config.json and the GPT-2 tokenizer. Each file replaces its old version whole."""
+    generation_config.json and the GPT-2 tokenizer. Each file replaces its old version whole, and
+    the files of an earlier export that this one does not write (other shards) are removed."""
     c = model.config
     arch, fields = hf_config_fields(c)
     transformers = _transformers()
@@ -249,8 +277,13 @@ def export(model, out_dir):
     try:
         hf_model.save_pretrained(tmp)
         write_tokenizer(tmp, c.block_size)
-        for name in sorted(os.listdir(tmp)):
+        written = sorted(os.listdir(tmp))
+        for name in written:
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        for name in os.listdir(out_dir):
+            path = os.path.join(out_dir, name)
+            if name not in written and is_export_file(name) and os.path.isfile(path):
+                os.remove(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return arch

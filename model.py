@@ -294,9 +294,11 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
-                 stop_tokens=(EOT,), use_cache=True, generator=None):
+                 stop_tokens=(EOT,), use_cache=True, generator=None, on_token=None):
         """Continue each prompt (a list of token ids; lengths may differ) by up to max_new_tokens.
         temperature 0 is greedy. Returns the new tokens of each prompt, without the stop token.
+        on_token(tokens), if given, is called after each step with that step's token of each row (a
+        list; a stop token included, EOT for a row stopped before): for printing as they come.
         The prompts are left-padded into one batch; the KV cache means each step feeds only the
         newest token (one compiled call after generation.compile_decoding(model)). One host sync
         a step: whether every row has stopped."""
@@ -315,6 +317,8 @@ class GPT(nn.Module):
         while True:
             token = sample_next(logits, temperature, top_k, top_p, generator)
             out.append(torch.where(done, torch.full_like(token, EOT), token))
+            if on_token is not None:
+                on_token(out[-1].tolist())
             done |= torch.isin(token, stop)  # a done row feeds its own token on: EOT is no id of a small vocab
             if len(out) == max_new_tokens or done.all():
                 break

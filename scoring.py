@@ -159,7 +159,7 @@ def decoding_settings(task, s):
     return out
 
 
-def _generate(model, prompts, decoding):
+def _generate(model, prompts, decoding, on_token=None):
     """New tokens for a batch of Prompts, by the decoding strategy's rules."""
     batch = [p.ids for p in prompts]
     room = model.config.block_size - max(len(p) for p in batch)  # the prompt reserved the target cap
@@ -169,7 +169,28 @@ def _generate(model, prompts, decoding):
     if decoding["strategy"] == "beam":
         return batched_beam_search(model, batch, decoding["num_beams"], n, decoding["length_penalty"],
                                    decoding["no_repeat_ngram_size"], decoding["stop_tokens"])
-    return model.generate(batch, n, stop_tokens=decoding["stop_tokens"])
+    return model.generate(batch, n, stop_tokens=decoding["stop_tokens"], on_token=on_token)
+
+
+def label_ids(task, enc):
+    """A classification task's label words as token lists ([] for a task that generates)."""
+    return [enc.encode_ordinary(w) for w in task.label_words or ()]
+
+
+def decode_prompts(model, prompts, decoding, labels, on_token=None):
+    """The outputs of a batch of Prompts: each one's log-probability of every label (labels: from
+    label_ids; nothing is generated) or its new tokens, by decoding_settings' strategy. on_token: see
+    GPT.generate (greedy decoding only)."""
+    if labels:
+        return label_logprobs(model, [p.ids for p in prompts], labels).tolist()
+    return _generate(model, prompts, decoding, on_token)
+
+
+def answer_text(task, enc, output):
+    """The answer an output of decode_prompts stands for: the likelier label word, or the new tokens' text."""
+    if task.label_words:
+        return task.label_words[int(np.argmax(output))].strip()
+    return decode_text(enc, output)
 
 
 @torch.no_grad()
@@ -185,13 +206,11 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext, rank=0
     prompts, shots, shots_record = fewshot.build_prompts(task, rows, enc, settings.prompt_block_size or
                                                           model.config.block_size, settings.shots, settings.data_root)
     decoding = decoding_settings(task, settings)
-    labels = [enc.encode_ordinary(w) for w in task.label_words or ()]
+    labels = label_ids(task, enc)
 
     def decode(batch):  # indices of prompts -> their outputs
         with autocast():
-            if labels:
-                return label_logprobs(model, [prompts[i].ids for i in batch], labels).tolist()
-            return _generate(model, [prompts[i] for i in batch], decoding)
+            return decode_prompts(model, [prompts[i] for i in batch], decoding, labels)
 
     def fresh_decode(batch):  # a try measures its own memory, not the last try's compiled-decoding cache
         release_decoding_cache(model)
@@ -223,11 +242,9 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext, rank=0
     predictions = []
     for i, (row, n_shots) in enumerate(zip(rows, shots)):
         pred = {"id": task.example_id(row)} | ({} if n_shots is None else {"shots": n_shots})
+        pred["prediction"] = answer_text(task, enc, outputs[i])
         if labels:
-            pred["prediction"] = task.label_words[int(np.argmax(outputs[i]))].strip()
             pred["label_logprobs"] = {w.strip(): lp for w, lp in zip(task.label_words, outputs[i])}
-        else:
-            pred["prediction"] = decode_text(enc, outputs[i])
         pred["references"] = task.references(row)
         predictions.append(pred)
     scores = task.score([p["prediction"] for p in predictions], [p["references"] for p in predictions])

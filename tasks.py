@@ -42,6 +42,7 @@ from common import EOT, UserError
 TASKS_VERSION = 1
 TARGET_PREFIX = " "  # the target text follows the separator after one space
 NEWLINES = (198, 628)  # "\n" and "\n\n"
+OWN_INPUT = "your input"  # the example id of a row made from text of one's own (Task.row_of)
 
 
 class Prompt(NamedTuple):
@@ -77,6 +78,11 @@ class Task:
 
     def inputs(self, row):
         """The example's input texts as used in the prompt (also what decontamination looks for)."""
+        raise NotImplementedError
+
+    def row_of(self, texts):
+        """A row whose inputs() are `texts` (and that has no references): how text of one's own is
+        prompted exactly as the data is (sample.py --task)."""
         raise NotImplementedError
 
     def references(self, row):
@@ -190,6 +196,10 @@ class Summarization(Task):
     def inputs(self, row):
         return [row[self.input_field].strip()]
 
+    def row_of(self, texts):
+        (text,) = texts
+        return {self.id_field: OWN_INPUT, self.input_field: text}
+
     def references(self, row):
         return [row[self.target_field].strip()]
 
@@ -211,6 +221,10 @@ class ExtractiveQA(Task):
 
     def inputs(self, row):
         return [row["context"].strip(), row["question"].strip()]
+
+    def row_of(self, texts):
+        context, question = texts
+        return {self.id_field: OWN_INPUT, "context": context, "question": question}
 
     def references(self, row):
         return [t.strip() for t in row["answers"]["text"]]
@@ -236,6 +250,10 @@ class Classification(Task):
 
     def inputs(self, row):
         return [row[self.input_field].strip()]
+
+    def row_of(self, texts):
+        (text,) = texts
+        return {self.id_field: OWN_INPUT, self.input_field: text}
 
     def label(self, row):
         """The label as an index into label_words (files may hold it as int or string like '1')."""

@@ -12,6 +12,7 @@ may take is plan.py's: the micro-batch (fitted to memory with batch_size=auto), 
 """
 import contextlib
 import copy
+import dataclasses
 import inspect
 import json
 import math
@@ -108,12 +109,27 @@ class StopFlag:
         return code > 0
 
 
+def wandb_run(cfg):
+    """A Weights & Biases run for MetricsLog to send its records to, or None (wandb_log=false):
+    wandb is imported only when asked for. It writes its files under out_dir/wandb; WANDB_MODE=offline
+    keeps them there (`wandb sync` uploads them later). A resumed run is a new W&B run."""
+    if not cfg.wandb_log:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("wandb_log=true needs the wandb package: pip install wandb (or leave wandb_log off)") from None
+    name = cfg.wandb_run_name or os.path.basename(os.path.normpath(cfg.out_dir))
+    return wandb.init(project=cfg.wandb_project, name=name, config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+
+
 class MetricsLog:
     """out_dir/metrics.jsonl: one JSON object per line, appended; a resumed run first drops the
-    lines of steps past its checkpoint so that curves have no duplicates."""
+    lines of steps past its checkpoint so that curves have no duplicates. Each record also goes to
+    `tracker` (a wandb run, see wandb_run), as it is, if one is given."""
 
-    def __init__(self, path, resume_iter=None):
-        self.path, keep = path, []
+    def __init__(self, path, resume_iter=None, tracker=None):
+        self.path, self.tracker, keep = path, tracker, []
         if resume_iter is not None and os.path.exists(path):
             with open(path) as f:  # a stop record says why the last session ended: not this one's
                 records = [(line, json.loads(line)) for line in f if line.strip()]
@@ -132,6 +148,12 @@ class MetricsLog:
     def write(self, **record):
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self):
+        if self.tracker is not None:
+            self.tracker.finish()
 
 
 @torch.no_grad()
@@ -585,7 +607,8 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
         run.extra.update(fields)
         if rt.master:
             print("\n".join(lines))
-    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), run.iter if cfg.resume else None) if rt.master else None
+    log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), run.iter if cfg.resume else None,
+                     wandb_run(cfg)) if rt.master else None
     loss_fraction = loss_token_fraction(train_source)
     speed = Throughput(cfg, run.raw_model, rt, loss_fraction, run.iter)
     figures = start_figures(run.raw_model, run.optimizers, cfg, run.plan, speed.flops_per_iter, rt.world_size)
@@ -627,10 +650,12 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
                 raise SystemExit(STOPPED_FOR_TIME if stop.reason == "time" else STOPPED_BY_SIGNAL)
         if run.iter > run.start_iter or not losses:  # the last step's evaluation and checkpoint
             losses = run.evaluate(eval_sources, log)
+        if rt.ddp:
+            record_ranks(run.raw_model, run.first_inputs, rt, log)
     finally:
         stop.close()
-    if rt.ddp:
-        record_ranks(run.raw_model, run.first_inputs, rt, log)
+        if log is not None:
+            log.close()
     return losses
 
 

@@ -137,6 +137,21 @@ def test_unknown_task_weight_is_a_clear_error():
     assert finetune.task_weights(cfg, ["squad", "sst2"], {"squad": 1000, "sst2": 40}) == {"squad": 100, "sst2": 40}
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("--task_weights=squad:1,glue:2", "task_weights names 'glue', which is not in tasks"),
+    ("--task_weights=squad:one", "task_weights entry 'squad:one' must look like name:number"),
+    ("--replay_fraction=1.5", "replay_fraction=1.5 must be at least 0 and below 1"),
+    ("--task_average=sentence", "task_average='sentence'; choose example or token"),
+    ("--mix_cap=0", "mix_cap=0 must be at least 1"),
+])
+def test_settings_are_checked_before_the_data_and_checkpoint_are_looked_for(tmp_path, setting, message):
+    argv = ["config/finetune_smoke.py", f"--finetune_dir={tmp_path}/not_prepared", f"--init_from={tmp_path}/no.pt",
+            f"--out_dir={tmp_path}/out", "--tasks=squad,sst2", setting]
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        finetune.main(argv)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, shared_data):
     """Real prepared task data (40 rows per split) and a randomly initialised tiny model."""

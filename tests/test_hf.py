@@ -113,6 +113,27 @@ def test_a_recipe_no_transformers_class_computes_is_refused_by_name(variant, tmp
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_goes_only_into_a_new_or_empty_folder_or_over_its_own_earlier_export(tmp_path):
+    ckpt = str(save_ckpt(random_gpt(**MODERN), tmp_path / "model.pt"))
+    (tmp_path / "empty").mkdir()
+    export_hf.main(["--ckpt", ckpt, "--out", str(tmp_path / "empty")])
+    first = sorted(p.name for p in (tmp_path / "empty").iterdir())
+    assert "model.safetensors" in first and "config.json" in first
+    with pytest.raises(UserError, match="holds an earlier export; pass --overwrite to replace it"):
+        export_hf.main(["--ckpt", ckpt, "--out", str(tmp_path / "empty")])
+    (tmp_path / "empty" / "model-00002-of-00002.safetensors").write_bytes(b"a stale shard of a larger export")
+    export_hf.main(["--ckpt", ckpt, "--out", str(tmp_path / "empty"), "--overwrite"])
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == first  # the stale shard is gone
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "empty") is not None
+    # a run folder: its report and checkpoint stay untouched, with or without --overwrite
+    (tmp_path / "REPORT.md").write_text("# my run")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(UserError, match=r"holds other files \(REPORT.md, empty, model.pt\); export into a new "
+                                            r"or empty folder, e.g. --out .*/hf"):
+            export_hf.main(["--ckpt", ckpt, "--out", str(tmp_path), *extra])
+    assert not (tmp_path / "config.json").exists() and (tmp_path / "REPORT.md").read_text() == "# my run"
+
+
 @pytest.mark.parametrize("case", ["missing checkpoint", "relu2 with rope"])
 def test_export_script_errors_are_one_line_with_status_2(case, tmp_path):
     ckpt = tmp_path / "missing.pt"

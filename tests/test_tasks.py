@@ -91,6 +91,16 @@ def test_prepared_examples_are_prompt_plus_target(prepared, enc, task):
         assert n_uncut > 0
 
 
+@pytest.mark.parametrize("task", list(tasks.TASKS))
+def test_a_row_of_ones_own_texts_is_prompted_as_the_data_row(task, enc):
+    """sample.py --task builds its row with row_of: the inputs, and so the prompt, are the data row's."""
+    t = tasks.get_task(task)
+    for row in t.load_rows("validation", str(DATA), limit=5):
+        own = t.row_of(t.inputs(row))
+        assert t.inputs(own) == t.inputs(row)
+        assert t.prompt(own, enc, 256) == t.prompt(row, enc, 256)
+
+
 def test_labels_and_references(enc):
     sst2, squad = tasks.get_task("sst2"), tasks.get_task("squad")
     row = {"sentence": " a gem . ", "label": "1", "idx": 7}
