@@ -57,7 +57,8 @@ def lr_at(it, cfg, base_lr):
 def build_optimizers(model, cfg, rt):
     """AdamW with weight decay on matrices only; or Muon for the hidden matrices with AdamW for
     the rest (embeddings, head, norms, biases). Fused AdamW where the device plan has it (CUDA);
-    Muon's Newton-Schulz compiled on CUDA unless --compile=false."""
+    Muon's Newton-Schulz compiled on CUDA unless --compile=false; with muon_split_qkv the fused
+    Q/K/V matrices are a Muon group of their own, orthogonalized as three blocks."""
     params = [p for p in model.parameters() if p.requires_grad]
     embeds = {id(model.wte.weight), id(model.lm_head.weight)} | ({id(model.wpe.weight)} if model.wpe else set())
     fused = {"fused": True} if rt.plan.fused_adamw else {}
