@@ -27,6 +27,13 @@ def human(n):
     return f"{n:g}"
 
 
+def check_choices(config, choices):
+    """ValueError naming the first field of config whose value is not among its choices ({field: allowed})."""
+    for field, allowed in choices.items():
+        if getattr(config, field) not in allowed:
+            raise ValueError(f"{field}={getattr(config, field)!r}; choose one of {allowed}")
+
+
 def run_main(main):
     """Call main() and turn a UserError into `error: ...` on stderr and exit status 2."""
     try:

@@ -12,8 +12,9 @@ import runpy
 import sys
 from dataclasses import dataclass
 
-from common import UserError
+from common import UserError, check_choices
 from model import GPTConfig
+from muon import NS_VARIANTS
 
 AUTO = "auto"  # the value of a field that the run decides for itself
 AUTO_FIELDS = {"batch_size"}  # fields that take it besides their own type
@@ -51,15 +52,21 @@ class TrainConfig(GPTConfig):
     max_minutes: float = 0.0  # save a checkpoint and stop before this many minutes of this session; --resume continues (0: off)
     optimizer: str = "muon"  # muon (Muon for the hidden matrices, AdamW for the rest) | adamw
     learning_rate: float = 6e-4  # AdamW's peak rate
-    min_lr: float = 6e-5  # AdamW's rate at the end of the cosine decay
+    min_lr: float = 6e-5  # AdamW's rate at the end of the decay
     warmup_iters: int = 100  # linear warmup steps
     lr_decay_iters: int = 0  # 0: decay until max_iters
+    lr_schedule: str = "cosine"  # cosine: warmup, cosine to min_lr | wsd: warmup, flat, then linear to min_lr
+    cooldown_frac: float = 0.4  # wsd: the last fraction of the decay (lr_decay_iters or max_iters) that decays
     weight_decay: float = 0.1  # on matrices only
     beta1: float = 0.9  # AdamW
     beta2: float = 0.95  # AdamW
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     muon_lr: float = 0.02  # Muon's peak rate (scaled by the same schedule)
     muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_weight_decay: float = -1.0  # Muon's decoupled weight decay on the hidden matrices; -1: weight_decay's
+    muon_split_qkv: bool = False  # Muon orthogonalizes attention's fused 3C x C input as three C x C blocks (Q, K, V)
+    muon_ns: str = "quintic"  # Muon's Newton-Schulz: quintic (modded-nanogpt's) | polar_express (arXiv 2505.16932)
+    clip_muon: bool = True  # grad_clip's norm covers Muon's matrices too; false: only the AdamW parameters
     # evaluation, logging, checkpoints
     eval_interval: int = 100  # steps between evaluations (each also writes ckpt.pt)
     eval_iters: int = 20  # batches per validation estimate
@@ -95,6 +102,11 @@ class TrainConfig(GPTConfig):
             raise ValueError("max_iters and warmup_iters must be >= 0")
         if self.max_minutes < 0 or self.budget_hours < 0:
             raise ValueError("max_minutes and budget_hours must be >= 0 (0: off)")
+        check_choices(self, {"lr_schedule": ("cosine", "wsd"), "muon_ns": tuple(NS_VARIANTS)})
+        if not 0 < self.cooldown_frac <= 1:
+            raise ValueError(f"cooldown_frac={self.cooldown_frac} must be in (0, 1]")
+        if self.muon_weight_decay < 0 and self.muon_weight_decay != -1:
+            raise ValueError(f"muon_weight_decay={self.muon_weight_decay} must be >= 0, or -1 for weight_decay's")
 
 
 @dataclass

@@ -6,7 +6,7 @@ Each recipe maps to the transformers class that computes exactly the same functi
     RoPE, RMSNorm, SwiGLU                              -> LlamaForCausalLM
     RoPE, RMSNorm, SwiGLU, QK-norm, no biases          -> Qwen3ForCausalLM
 Other combinations (RoPE with LayerNorm, learned positions with RMSNorm, ...) have no such
-class and are refused. transformers is imported only when needed, so the rest of the toolkit
+class and are refused, as is a logit soft-cap. transformers is imported only when needed, so the rest of the toolkit
 works without it.
 """
 import fnmatch
@@ -72,6 +72,9 @@ def _transformers():
 
 def architecture(c):
     """The transformers model_type that computes the same function as GPTConfig c."""
+    if c.logit_softcap:  # zero_init_proj is only how training started: it exports as any other model
+        raise UserError(f"logit_softcap={c.logit_softcap:g} has no equivalent in GPT-2, Llama or Qwen3 (their logits "
+                        f"would not be capped); only a model trained without it exports")
     if c.pos_emb == "learned" and c.norm == "layernorm" and c.mlp in GPT2_ACTIVATIONS and not c.qk_norm:
         return "gpt2"
     if c.pos_emb == "rope" and c.norm == "rmsnorm" and c.mlp == "swiglu" and not (c.qk_norm and c.bias):

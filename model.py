@@ -1,8 +1,9 @@
 """A decoder-only Transformer (GPT), readable top to bottom.
 
 Defaults are the GPT-2 recipe: learned positions, LayerNorm, GELU MLP, tied embeddings.
-Modern variants (RoPE, RMSNorm, SwiGLU / ReLU^2, QK-norm, untied head, no biases) are
-config fields, each a few lines at its natural place, so one file serves every preset.
+Modern variants (RoPE, RMSNorm, SwiGLU / ReLU^2, QK-norm, untied head, no biases,
+zero-initialized output projections, a logit soft-cap) are config fields, each a few lines at
+its natural place, so one file serves every preset.
 """
 import functools
 import math
@@ -13,7 +14,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from common import EOT
+from common import EOT, check_choices
 
 GPT2_VOCAB = 50257  # real GPT-2 tokens; the embedding is padded to 50304 for fast matmuls
 
@@ -33,17 +34,18 @@ class GPTConfig:
     qk_norm: bool = False  # RMS-normalize queries and keys per head
     tie_embeddings: bool = True  # the output layer shares the token embedding
     rope_base: float = 10000.0  # RoPE's base period (with pos_emb=rope)
+    zero_init_proj: bool = False  # attention's and the MLP's output projections start at zero: each block starts as the identity
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), in training and inference alike (0: off)
 
     def __post_init__(self):
-        choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "gelu_tanh", "swiglu", "relu2")}
-        for field, allowed in choices.items():
-            if getattr(self, field) not in allowed:
-                raise ValueError(f"{field}={getattr(self, field)!r}; choose one of {allowed}")
+        check_choices(self, {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
+                             "mlp": ("gelu", "gelu_tanh", "swiglu", "relu2")})
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("rope needs an even head size (n_embd / n_head)")
+        if self.logit_softcap < 0:
+            raise ValueError(f"logit_softcap={self.logit_softcap} must be >= 0 (0: off)")
 
 
 class Norm(nn.Module):
@@ -206,8 +208,11 @@ class GPT(nn.Module):
         # GPT-2 init; residual projections scaled by 1/sqrt(2 * n_layer) so the residual
         # stream's variance does not grow with depth
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual", False) else 0.02
+            residual = getattr(module, "residual", False)
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if residual else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if residual and self.config.zero_init_proj:  # drawn first all the same: every other weight
+                nn.init.zeros_(module.weight)  # starts as it would without zero_init_proj
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
 
@@ -254,14 +259,21 @@ class GPT(nn.Module):
             cache.length += T
         x = self.ln_f(x)
         if targets is None:
-            return self.lm_head(x if all_logits else x[:, -1:]), None
+            return self.head(x if all_logits else x[:, -1:]), None
         if loss_rows is not None:  # an index, not a boolean mask: no host sync, a fixed shape
-            logits = self.lm_head(x.reshape(-1, x.size(-1)).index_select(0, loss_rows))
+            logits = self.head(x.reshape(-1, x.size(-1)).index_select(0, loss_rows))
             losses = F.cross_entropy(logits.float(), targets.reshape(-1).index_select(0, loss_rows), reduction="none")
             return None, (losses * loss_weights).sum()
-        logits = self.lm_head(x)
+        logits = self.head(x)
         # the logits are not returned: at 32 x 1024 tokens they are gigabytes the caller would keep alive
         return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def head(self, x):
+        """The output layer's logits, soft-capped when logit_softcap is set: in float32, where tanh
+        near its saturation keeps the differences that bfloat16 would round away."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap else logits
 
     def embed(self, idx, positions):
         """Token embeddings (plus learned position embeddings), and RoPE's (cos, sin) or None."""

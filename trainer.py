@@ -1,8 +1,8 @@
 """The one training loop, shared by train.py (pretraining) and finetune.py.
 
 It runs on one CPU, one GPU, or many processes under torchrun (DDP), with autocast, optional
-torch.compile, gradient accumulation, warmup + cosine learning rate, clipping, periodic
-evaluation, a metrics log and atomic checkpoints that resume exactly.
+torch.compile, gradient accumulation, warmup + cosine (or warmup-stable-decay) learning rate,
+clipping, periodic evaluation, a metrics log and atomic checkpoints that resume exactly.
 
 A batch is (x, y, loss_rows, loss_weights, positions): inputs, next-token targets, and for
 finetuning the flat positions that carry loss with their weights and the token positions of the
@@ -29,6 +29,7 @@ import memory
 from checkpoint import gather_rng, load_checkpoint, load_weights, model_record, rng_state, save_checkpoint, set_rng_state
 from common import UserError
 from data import Prefetcher, loss_token_fraction, row_range, split_rows, to_device
+from muon import Muon
 from plan import (BatchPlan, TimeBudget, budget_line, divisors, figures_line, initial_plan, probe_line,
                   sequences_per_process, start_figures)
 from runtime import maybe_compile, peak_flops, synchronize
@@ -38,13 +39,18 @@ STOPPED_BY_SIGNAL, STOPPED_FOR_TIME = 130, 75  # exit statuses of a run that sto
 
 
 def lr_at(it, cfg, base_lr):
-    """Linear warmup, then cosine decay to min_lr * base_lr / learning_rate."""
+    """Linear warmup, then cosine decay to min_lr * base_lr / learning_rate; or (lr_schedule=wsd)
+    warmup, the peak rate, and a linear decay to the same floor over the last cooldown_frac of the
+    decay span. Until its cooldown WSD's rate does not depend on max_iters: a run resumed with more
+    steps, or cut short by a budget, keeps the schedule it had."""
     min_lr = cfg.min_lr * base_lr / cfg.learning_rate
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if it < cfg.warmup_iters:
         return base_lr * (it + 1) / cfg.warmup_iters
     if it >= decay_iters:
         return min_lr
+    if cfg.lr_schedule == "wsd":
+        return min_lr + (base_lr - min_lr) * min(1.0, (decay_iters - it) / (cfg.cooldown_frac * decay_iters))
     progress = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (base_lr - min_lr)
 
@@ -52,7 +58,8 @@ def lr_at(it, cfg, base_lr):
 def build_optimizers(model, cfg, rt):
     """AdamW with weight decay on matrices only; or Muon for the hidden matrices with AdamW for
     the rest (embeddings, head, norms, biases). Fused AdamW where the device plan has it (CUDA);
-    Muon's Newton-Schulz compiled on CUDA unless --compile=false."""
+    Muon's Newton-Schulz compiled on CUDA unless --compile=false; with muon_split_qkv the fused
+    Q/K/V matrices are a Muon group of their own, orthogonalized as three blocks."""
     params = [p for p in model.parameters() if p.requires_grad]
     embeds = {id(model.wte.weight), id(model.lm_head.weight)} | ({id(model.wpe.weight)} if model.wpe else set())
     fused = {"fused": True} if rt.plan.fused_adamw else {}
@@ -62,14 +69,18 @@ def build_optimizers(model, cfg, rt):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         return [torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=betas, **fused)]
     if cfg.optimizer == "muon":
-        from muon import Muon
         hidden = [p for p in params if p.dim() == 2 and id(p) not in embeds]
         rest_matrices = [p for p in params if p.dim() >= 2 and id(p) in embeds]
         vectors = [p for p in params if p.dim() < 2]
         adamw = torch.optim.AdamW([{"params": rest_matrices, "weight_decay": cfg.weight_decay},
                                    {"params": vectors, "weight_decay": 0.0}],
                                   lr=cfg.learning_rate, betas=betas, **fused)
-        return [Muon(hidden, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+        qkv = {id(block.attn.c_attn.weight) for block in model.blocks} if cfg.muon_split_qkv else set()
+        groups = [{"params": [p for p in hidden if id(p) not in qkv]}]
+        if qkv:  # Q, K and V orthogonalized apart, as the separate matrices they act as
+            groups.append({"params": [p for p in hidden if id(p) in qkv], "blocks": 3})
+        decay = cfg.weight_decay if cfg.muon_weight_decay == -1 else cfg.muon_weight_decay
+        return [Muon(groups, lr=cfg.muon_lr, momentum=cfg.muon_momentum, weight_decay=decay, ns_variant=cfg.muon_ns,
                      compile=None if cfg.compile else False), adamw]
     raise UserError(f"optimizer={cfg.optimizer!r}; choose adamw or muon")
 
@@ -305,10 +316,14 @@ class Run:
 
     def _restore(self, ckpt):
         load_weights(self.raw_model, ckpt["model"], self.ckpt_path)
-        saved = ckpt["config"].get("optimizer", "adamw")
-        if saved != self.cfg.optimizer:  # Muon's state would not fit AdamW's, nor the reverse
-            raise UserError(f"{self.ckpt_path} was trained with optimizer={saved}, not {self.cfg.optimizer}; resume "
-                            f"it with --optimizer={saved}, or start a new run (--overwrite or another --out_dir)")
+        # Muon's state would not fit AdamW's, nor the reverse; nor one Muon group the Q/K/V split's two; and
+        # the Newton-Schulz variant is a setting of Muon's groups, which the saved ones would silently override
+        before = {"optimizer": "adamw", "muon_split_qkv": False, "muon_ns": "quintic"}  # what runs without them ran
+        for key in before if self.cfg.optimizer == "muon" else ["optimizer"]:
+            saved = ckpt["config"].get(key, before[key])
+            if saved != getattr(self.cfg, key):
+                raise UserError(f"{self.ckpt_path} was trained with {key}={saved}, not {getattr(self.cfg, key)}; "
+                                f"resume it with --{key}={saved}, or start a new run (--overwrite or another --out_dir)")
         for opt, state in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         if ckpt["scaler"] and self.scaler.is_enabled():  # a run may resume in another dtype
@@ -451,7 +466,7 @@ class Run:
             if self.cfg.grad_clip:
                 for opt in self.optimizers:
                     self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.clipped_parameters(), self.cfg.grad_clip)
             for opt in self.optimizers:
                 self.scaler.step(opt)
         except Exception as e:  # the optimizer's state is allocated at its first step, beside the activations
@@ -465,6 +480,13 @@ class Run:
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad_iter < 0)
         self.first_bad_iter = torch.where(bad, self.iter, self.first_bad_iter)  # on the device: no sync
         return loss
+
+    def clipped_parameters(self):
+        """What grad_clip's norm covers: every parameter, or with clip_muon=false only AdamW's (Muon's
+        orthogonalized update has the same size whatever its gradient's)."""
+        if self.cfg.clip_muon:
+            return self.model.parameters()
+        return [p for opt in self.optimizers if not isinstance(opt, Muon) for g in opt.param_groups for p in g["params"]]
 
     def _accumulate(self, micro):
         """Forward and backward of every micro-batch (in plan.pieces pieces each); under DDP only the

@@ -193,7 +193,7 @@ def bench(args, overrides):
         for _ in range(micro):
             x, y = stepper.next_batch()
             with rt.autocast():
-                logits = model.lm_head(hidden)
+                logits = model.head(hidden)
                 loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
             stepper.scaler.scale(loss / micro).backward()
         hidden.grad = None

@@ -53,3 +53,16 @@ def stop_after(monkeypatch, steps):
         return calls["n"] == steps
 
     monkeypatch.setattr(trainer.StopFlag, "agreed", agreed)
+
+
+def stopped_and_resumed(monkeypatch, args, out_dir, steps):
+    """Train.py with args into out_dir, stopped after `steps` steps (as by SIGTERM) and resumed:
+    the final ckpt.pt."""
+    import train
+    with monkeypatch.context() as m:
+        stop_after(m, steps)
+        with pytest.raises(SystemExit):
+            train.main(args + [f"--out_dir={out_dir}"])
+    assert torch.load(out_dir / "ckpt.pt", weights_only=False)["iter_num"] == steps
+    train.main(args + [f"--out_dir={out_dir}", "--resume"])
+    return torch.load(out_dir / "ckpt.pt", weights_only=False)

@@ -45,10 +45,10 @@ def test_recipes_train_what_they_name_on_equal_tokens_and_are_scored_on_the_same
                            "default_lr2x_b2_t640_s1")]
     assert len({(f["scores"]["windows"], f["scores"]["tokens"]) for f in finals}) == 1  # the same windows
     assert all(0 < f["scores"]["loss"] < math.log(50304) for f in finals)  # better than uniform guessing
-    report = (tmp_path / "report" / "ablate.md").read_text()
+    report = (tmp_path / "report" / "ablate_t640.md").read_text()  # a budget other than the preset's: its own report
     assert "| classic | adamw (0.002) | 64 | 1 |" in report and "Equal wall-clock, seed 1" in report
     assert "Equal loss, seed 1: default reaches classic's final in-training loss" in report
-    assert (tmp_path / "report" / "ablate.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "ablate_t640.png").stat().st_size > 1000
 
 
 def test_tokens_to_reach_interpolates_between_evaluations():
@@ -70,8 +70,76 @@ def test_a_finished_run_is_reused_and_a_changed_command_retrains(corpus, tmp_pat
     assert saved_config(tmp_path, "classic_b2_t640_s1")["eval_iters"] == 1
 
 
+def test_components_train_on_top_of_default_alone_and_combined_and_extend_the_same_report(corpus, tmp_path):
+    rows = ablate.main(tiny(corpus, tmp_path, "--seeds", "1", "--components", "relu2", "--combine", "relu2,softcap"))
+    relu2, combined = saved_config(tmp_path, "default+relu2_b2_t640_s1"), saved_config(tmp_path,
+                                                                                        "default+relu2+softcap_b2_t640_s1")
+    default = saved_config(tmp_path, "default_b2_t640_s1")
+    assert (relu2["mlp"], relu2["logit_softcap"], relu2["optimizer"], relu2["muon_lr"]) == ("relu2", 0.0, "muon", 0.02)
+    assert (combined["mlp"], combined["logit_softcap"]) == ("relu2", 15.0)
+    # nothing but the component differs from the default run
+    assert {k for k in default if default[k] != relu2[k]} == {"mlp", "out_dir"}
+    assert [r["recipe"] for r in rows] == ["default", "default+relu2", "default+relu2+softcap"]  # default: the baseline
+    by_recipe = {r["recipe"]: r for r in rows}
+    assert by_recipe["default"]["vs_default"] is None
+    gap = by_recipe["default+relu2"]["vs_default"]
+    assert gap["final"] == pytest.approx(by_recipe["default+relu2"]["mean"] - by_recipe["default"]["mean"])
+    assert gap["verdict"] == "one seed each: no spread"
+    report = (tmp_path / "report" / "ablate_t640.md").read_text()
+    assert f"| default+relu2 | muon (0.02) | 64 | 1 | {by_recipe['default+relu2']['mean']:.3f} |" in report
+    assert f"| {gap['final']:+.3f} |" in report
+    assert "No GPT-2 recipe run of 2,048,000 tokens yet" in report  # its target: test_a_component_passes_only...
+
+
+def fake_run(recipe, seed, final, minutes=10.0):
+    curve = [(0, 0.0, 10.0), (500, minutes / 2, final + 1.0), (1000, minutes, final)]  # (tokens, minutes, loss)
+    return {"name": f"{recipe}_s{seed}", "recipe": recipe, "seed": seed, "batch_size": 4, "optimizer": "muon",
+            "lr": 0.02, "steps": 10, "final_loss": final, "curve": curve, "minutes": minutes, "tokens_per_s": 100.0}
+
+
+@pytest.mark.parametrize("finals, verdict", [
+    ((5.30, 5.31, 5.20), "better (> 0.020)"),  # 0.105 below default, beyond twice its seeds' 0.01
+    ((5.30, 5.31, 5.29), "within 0.020"),
+    ((5.30, 5.31, 5.40), "worse (> 0.020)"),
+])
+def test_a_component_passes_only_beyond_twice_the_seeds_spread_and_the_next_command_says_what_next(
+        tmp_path, finals, verdict):
+    runs = [fake_run("default", 1, finals[0]), fake_run("default", 2, finals[1]),
+            fake_run("default+wsd", 1, finals[2], minutes=20.0)]
+    target = ablate.classic_target([fake_run("classic", 1, 5.8)])
+    rows = ablate.compare(ablate.summarize(runs), runs, target)
+    gap = rows[1]["vs_default"]
+    assert gap["verdict"] == verdict and gap["final"] == pytest.approx(finals[2] - finals[0])  # paired by seed
+    # equal time: at 10 minutes the slower component run is halfway down its curve
+    assert gap["equal_time"] == pytest.approx(finals[2] + 1.0 - finals[0])
+    # tokens to the GPT-2 recipe's final loss (5.8), on each run's curve
+    assert rows[1]["to_target"] == ablate.tokens_to_reach(runs[2]["curve"], 5.8)
+    args = ablate.parse_args(["--report-only", "--tokens", "1024000", "--data-dir", str(tmp_path)])
+    md = ablate.markdown(args, runs, rows, target)
+    assert ("Next: `python bench/ablate.py --components wsd`" in md) == verdict.startswith("better")
+    args = ablate.parse_args(["--report-only", "--data-dir", str(tmp_path)])
+    assert ("--combine wsd" in ablate.markdown(args, runs, rows, target)) == verdict.startswith("better")
+
+
+def test_every_component_is_a_valid_change_of_the_default_and_its_runs_are_recognized():
+    from config import TrainConfig, parse_config
+    default = vars(parse_config(TrainConfig, ablate.RECIPES["default"]))
+    for name in ablate.COMPONENTS:
+        recipe = f"default+{name}"
+        changed = vars(parse_config(TrainConfig, ablate.recipe_flags(recipe)))
+        assert changed != default, name  # a component that changes nothing would measure noise
+        argv = dict(f[2:].split("=", 1) for f in ablate.recipe_flags(recipe))
+        assert ablate.recipe_of(argv) == recipe
+    everything = "+".join(["default", *ablate.COMPONENTS])
+    assert ablate.recipe_of(dict(f[2:].split("=", 1) for f in ablate.recipe_flags(everything))) == everything
+    for recipe in ablate.RECIPES:
+        assert ablate.recipe_of(dict(f[2:].split("=", 1) for f in ablate.RECIPES[recipe])) == recipe
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--recipes", "llama"], "unknown recipe"),
+    (["--components", "relu3"], "unknown component"),
+    (["--combine", "relu2,gqa"], "unknown component"),
     (["--tokens", "650"], "not a whole number of steps"),
 ])
 def test_bad_grids_get_one_line_errors(corpus, tmp_path, extra, message):

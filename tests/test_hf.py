@@ -134,6 +134,13 @@ def test_export_goes_only_into_a_new_or_empty_folder_or_over_its_own_earlier_exp
     assert not (tmp_path / "config.json").exists() and (tmp_path / "REPORT.md").read_text() == "# my run"
 
 
+def test_a_soft_capped_model_is_refused_and_zero_init_changes_nothing_to_export(tmp_path):
+    with pytest.raises(UserError, match=r"^logit_softcap=15 has no equivalent in GPT-2, Llama or Qwen3"):
+        hf.export(random_gpt(logit_softcap=15.0), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    assert hf.architecture(GPTConfig(zero_init_proj=True)) == "gpt2"
+
+
 @pytest.mark.parametrize("case", ["missing checkpoint", "relu2 with rope"])
 def test_export_script_errors_are_one_line_with_status_2(case, tmp_path):
     ckpt = tmp_path / "missing.pt"

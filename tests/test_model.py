@@ -10,6 +10,7 @@ VARIANTS = {
     "gpt2": {},
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, tie_embeddings=False, bias=False),
     "relu2": dict(mlp="relu2"),
+    "v2": dict(pos_emb="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, bias=False, logit_softcap=15.0),
 }
 
 

@@ -8,7 +8,7 @@ import torch
 import train
 from muon import Muon, newton_schulz
 
-from conftest import TINY, stop_after
+from conftest import TINY, stopped_and_resumed
 
 TINY = TINY + ["--optimizer=muon"]
 
@@ -87,11 +87,5 @@ def test_train_with_muon_learns_and_resumes_exactly(corpus, monkeypatch):
         evals = [r["val_loss"] for r in map(json.loads, f) if r["type"] == "eval"]
     assert evals[-1] < evals[0] - 0.5, evals
 
-    with monkeypatch.context() as m:
-        stop_after(m, 5)
-        with pytest.raises(SystemExit):
-            train.main(args + [f"--out_dir={corpus}/cut"])
-    assert torch.load(corpus / "cut" / "ckpt.pt", weights_only=False)["iter_num"] == 5
-    train.main(args + [f"--out_dir={corpus}/cut", "--resume"])
-    cut = torch.load(corpus / "cut" / "ckpt.pt", weights_only=False)
+    cut = stopped_and_resumed(monkeypatch, args, corpus / "cut", 5)
     assert all(torch.equal(full["model"][k], cut["model"][k]) for k in full["model"])

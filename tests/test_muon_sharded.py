@@ -1,6 +1,7 @@
 """Muon under torch.distributed: each process orthogonalizes its share of the matrices, and the
-all-gathered result is bit for bit the unsharded step; rank 0's state resumes in one process;
-the compiled Newton-Schulz matches the eager one, with one graph per matrix shape."""
+all-gathered result is bit for bit the unsharded step (a fused Q/K/V matrix split into its blocks
+included); rank 0's state resumes in one process; the compiled Newton-Schulz matches the eager
+one, with one graph per matrix shape."""
 import copy
 
 import pytest
@@ -30,6 +31,15 @@ def hidden_matrices():
     return [p for p in model.blocks.parameters() if p.dim() == 2]
 
 
+def groups(params):
+    """Muon's groups under --muon_split_qkv: the fused Q/K/V matrix (the first) as three blocks."""
+    return [{"params": params[1:]}, {"params": params[:1], "blocks": 3}]
+
+
+def blocks(params):
+    return [3] + [1] * (len(params) - 1)
+
+
 def set_gradients(params, step):
     """The same gradients in every process, as DDP leaves them after its all-reduce."""
     gen = torch.Generator().manual_seed(1000 + step)
@@ -42,7 +52,7 @@ def sharded_and_alone(rank):
     of the sharded one alone; rank 0 keeps the state_dict in between, as a checkpoint would."""
     sharded_params = hidden_matrices()
     alone_params = [p.detach().clone().requires_grad_() for p in sharded_params]
-    sharded, alone = Muon(sharded_params, **SETTINGS), Muon(alone_params, shard=False, **SETTINGS)
+    sharded, alone = Muon(groups(sharded_params), **SETTINGS), Muon(groups(alone_params), shard=False, **SETTINGS)
     for step in range(STEPS):
         for params, opt in ((sharded_params, sharded), (alone_params, alone)):
             set_gradients(params, step)
@@ -90,8 +100,9 @@ def test_sharded_steps_equal_unsharded_steps_bit_for_bit(sharded_run, work_dtype
 
 
 def test_each_process_orthogonalizes_only_its_share(sharded_run):
-    shapes = [tuple(p.shape) for p in hidden_matrices()]
-    owner = assign_shares(shapes, WORLD_SIZE)
+    params = hidden_matrices()
+    shapes = [tuple(p.shape) for p in params]
+    owner = assign_shares(shapes, WORLD_SIZE, blocks(params))
     counts = [results["float32"]["orthogonalized"] for results in sharded_run]
     assert counts == [STEPS * owner.count(r) for r in range(WORLD_SIZE)]
     assert sum(counts) == STEPS * len(shapes) and 0 < min(counts)
@@ -104,7 +115,7 @@ def test_rank0_state_dict_resumes_in_a_single_process(sharded_run):
     params = hidden_matrices()
     for p, saved in zip(params, rank0["sharded"]):
         p.data.copy_(saved)
-    opt = Muon(params, **SETTINGS)
+    opt = Muon(groups(params), **SETTINGS)
     opt.load_state_dict(rank0["state_dict"])
     for step in range(STEPS, STEPS + MORE_STEPS):
         set_gradients(params, step)
@@ -124,15 +135,15 @@ def test_shares_balance_newton_schulz_work():
     assert all(owner[i] == r for i, r in zip(range(0, 60, 5), [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]))  # round-robin
 
 
-def step_compiled_and_eager(shapes, device, steps=2):
-    """Two Muons, compiled and eager, stepped on the same weights and gradients; returns how far
-    each moved the weights and how many graphs the compiled one made."""
+def step_compiled_and_eager(shapes, device, steps=2, **group):
+    """Two Muons, compiled and eager (group: Muon's group settings), stepped on the same weights and
+    gradients; returns how far each moved the weights and how many graphs the compiled one made."""
     torch.manual_seed(0)
     weights = [torch.randn(shape, device=device) for shape in shapes]
     params = {"compiled": [torch.nn.Parameter(w.clone()) for w in weights],
               "eager": [torch.nn.Parameter(w.clone()) for w in weights]}
-    compiled = Muon(params["compiled"], compile=True, **SETTINGS)
-    eager = Muon(params["eager"], compile=False, **SETTINGS)
+    compiled = Muon(params["compiled"], compile=True, **SETTINGS, **group)
+    eager = Muon(params["eager"], compile=False, **SETTINGS, **group)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for step in range(steps):  # later steps reuse the first step's graphs
         for name, opt in (("compiled", compiled), ("eager", eager)):
@@ -153,6 +164,24 @@ def test_compiled_newton_schulz_matches_eager():
     compiled, eager, graphs = step_compiled_and_eager([(48, 16)], "cpu")  # tall: the graph transposes too
     assert graphs == 1
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_polar_express_on_qkv_blocks_matches_eager():
+    blocker = compile_blocker(torch.device("cpu"))
+    if blocker:
+        pytest.skip(blocker)
+    compiled, eager, graphs = step_compiled_and_eager([(48, 16)], "cpu", ns_variant="polar_express", blocks=3)
+    assert graphs == 1  # the three 16 x 16 blocks share one graph
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_split_matrix_costs_its_blocks():
+    # three C x C Gram matrices and their squares, where the fused matrix has one: 9 C^3 against 7 C^3
+    assert newton_schulz_cost((96, 32), blocks=3) == 3 * newton_schulz_cost((32, 32)) == 9 / 7 * newton_schulz_cost((96, 32))
+    # so a split Q/K/V matrix goes before a matrix that the fused one comes after
+    middle = (32, 112)
+    assert newton_schulz_cost((96, 32)) < newton_schulz_cost(middle) < newton_schulz_cost((96, 32), blocks=3)
+    assert assign_shares([(96, 32), middle], 2) == [1, 0] and assign_shares([(96, 32), middle], 2, [3, 1]) == [0, 1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
