@@ -254,7 +254,7 @@ class GPT(nn.Module):
             cache.length += T
         x = self.ln_f(x)
         if targets is None:
-            return self.lm_head(x if all_logits else x[:, -1:]), None
+            return self.output_logits(x if all_logits else x[:, -1:]), None
         if loss_rows is not None:  # an index, not a boolean mask: no host sync, a fixed shape
             logits = self.lm_head(x.reshape(-1, x.size(-1)).index_select(0, loss_rows))
             losses = F.cross_entropy(logits.float(), targets.reshape(-1).index_select(0, loss_rows), reduction="none")
@@ -262,6 +262,13 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         # the logits are not returned: at 32 x 1024 tokens they are gigabytes the caller would keep alive
         return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+    def output_logits(self, x):
+        """Inference logits of the positions that are scored or sampled, in float32 even under
+        autocast: a bf16 head rounds logits of ~20 by up to 0.06, enough to flip close label
+        decisions and beam rankings. Only those positions pay for it (training keeps the fast head)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.lm_head.weight.float())
 
     def embed(self, idx, positions):
         """Token embeddings (plus learned position embeddings), and RoPE's (cos, sin) or None."""
