@@ -5,6 +5,7 @@
     python evaluate.py --task all --ckpt out/pretrain/ckpt.pt --shots 3   # pretrained, few-shot
     python evaluate.py --task all --ckpt out/finetune/model.pt --limit 200 --constrained
     python evaluate.py --task cnn_dailymail --ckpt model.pt --num-beams 4 --no-repeat-ngram-size 3
+    python evaluate.py --task cnn_dailymail --ckpt out/pretrain/ckpt.pt --protocol gpt2   # GPT-2's zero-shot
     python evaluate.py --task owt --ckpt out/pretrain/ckpt.pt --owt-bin data/owt/val.bin --limit 100
 
 Prompts come only from Task.prompt (tasks.py), byte for byte the prompts of finetuning. Examples are
@@ -17,10 +18,14 @@ owt: mean next-token loss and perplexity over non-overlapping block_size windows
 Each task is scored on its first eval split (CNN/DM: test; SQuAD, SST-2: validation) unless
 --split says otherwise. --shots K (fewshot.py) puts K solved training examples before each prompt
 (as many as fit the block); --shots 0 is zero-shot (CNN/DM in GPT-2's "TL;DR:" format); without
-it the prompt is the finetuning one. Writes to --out (default <checkpoint folder>/eval):
-<task>_<split>_predictions.jsonl and <task>_<split>_metrics.json (scores, baseline, decoding
-settings, shots, batch size, checkpoint sha256, data source, tasks_version, speed). evaluate_task() is
-the same core for use from Python.
+it the prompt is the finetuning one. --protocol gpt2 scores CNN/DM zero-shot as GPT-2's paper did
+(top-k=2 sampling, the first 3 sentences; scoring.py), the protocol of its published anchor.
+--limit N scores a seeded random sample of N examples, stratified by SQuAD article and by CNN/DM
+source (subsets.py), never the first N; the metrics record the seed and a hash of the chosen ids.
+Writes to --out (default <checkpoint folder>/eval): <task>_<split>_predictions.jsonl and
+<task>_<split>_metrics.json (scores, baseline, sample, decoding settings, prompt truncation, shots,
+batch size, checkpoint sha256, data source, tasks_version, speed). evaluate_task() is the same core
+for use from Python.
 
     torchrun --standalone --nproc_per_node=8 evaluate.py --task all --ckpt out/full/finetune/model.pt
 
@@ -42,13 +47,14 @@ from common import EOT, UserError, atomic_path, get_tokenizer, run_main, write_j
 import numpy as np
 import torch.distributed as dist
 
+import subsets
 import tasks
 from checkpoint import load_checkpoint, model_from_checkpoint, newest_finetuned
 from corpus import documents
 from data import open_tokens
 from generation import compile_decoding, release_decoding_cache
 from runtime import compile_blocker, setup_runtime
-from scoring import EvalSettings, evaluate_owt, evaluate_task, owt_windows
+from scoring import PROTOCOLS, EvalSettings, evaluate_owt, evaluate_task, owt_windows
 
 
 
@@ -153,7 +159,16 @@ def parse_args(argv=None):
     p.add_argument("--split", help="default: each task's own (CNN/DM test, SQuAD and SST-2 validation)")
     p.add_argument("--shots", type=int, help="K training examples before each prompt (0: zero-shot); "
                                              "default: the finetuning prompt alone")
-    p.add_argument("--limit", type=int, help="first N examples (owt: N windows)")
+    p.add_argument("--limit", type=int, help="score a seeded random sample of N examples, stratified by article "
+                                             "(SQuAD) and by source (CNN/DM), in the split's order; owt: a seeded "
+                                             "sample of N windows of --owt-bin (of --owt-text: of its first "
+                                             "documents, as many as hold N windows)")
+    p.add_argument("--sample-seed", type=int, default=subsets.SEED,
+                   help="the --limit sample's seed (default %(default)s: the sample the reports use)")
+    p.add_argument("--protocol", default="default", choices=PROTOCOLS,
+                   help="gpt2: CNN/DM zero-shot as GPT-2 was scored (Radford et al. 2019): the article, "
+                        "\"TL;DR:\", 100 tokens of top-k=2 sampling, the first 3 sentences kept")
+    p.add_argument("--decoding-seed", type=int, default=0, help="seeds a sampling protocol's draws")
     p.add_argument("--batch-size", type=batch_size, default="auto",
                    help="prompts decoded at once; auto: the most that fit the GPU's memory (16 on CPU, MPS)")
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
@@ -188,7 +203,24 @@ def parse_args(argv=None):
         raise UserError("--constrained decoding is greedy; drop --num-beams")
     if args.task == "owt" and not (args.owt_bin or args.owt_text):
         raise UserError("--task owt needs --owt-bin PATH or --owt-text GLOB")
+    if args.protocol == "gpt2":
+        check_gpt2_protocol(args)
     return args
+
+
+def check_gpt2_protocol(args):
+    """GPT-2's protocol is zero-shot CNN/DM with its own decoding: --shots 0 is implied, the rest conflicts."""
+    if args.task != "cnn_dailymail":
+        raise UserError(f"--protocol gpt2 is GPT-2's summarization protocol; use it with --task cnn_dailymail, "
+                        f"not {args.task}")
+    if args.shots not in (None, 0):
+        raise UserError(f"--protocol gpt2 is zero-shot; drop --shots {args.shots} (or give --shots 0)")
+    given = [flag for flag, on in (("--num-beams", args.num_beams > 1), ("--constrained", args.constrained),
+                                   ("--no-repeat-ngram-size", args.no_repeat_ngram_size > 0),
+                                   ("--max-new-tokens", args.max_new_tokens is not None)) if on]
+    if given:
+        raise UserError(f"--protocol gpt2 fixes the decoding (100 tokens, top-k=2 sampling); drop {given[0]}")
+    args.shots = 0
 
 
 def main(argv=None):
@@ -213,7 +245,8 @@ def main(argv=None):
         if split not in task.eval_splits and master:
             print(f"warning: {name} split {split!r} is not an evaluation split "
                   f"({', '.join(task.eval_splits)})", file=sys.stderr)
-        data[name] = split, task.load_rows(split, args.data_root, args.limit), task.source_name(split, args.data_root)
+        rows, sample = task.subset(task.load_rows(split, args.data_root), args.limit, args.sample_seed)
+        data[name] = split, rows, task.source_name(split, args.data_root), sample
     model = model_from_checkpoint(ckpt, args.ckpt)
     block_size = prompt_block_size(ckpt, model, args.ckpt)
     version = ckpt.get("tasks_version")
@@ -223,7 +256,7 @@ def main(argv=None):
     enc = get_tokenizer()
     if "owt" in names:
         data["owt"] = owt_tokens(args, enc, model.config.block_size)
-        owt_windows(len(data["owt"][0]), model.config.block_size, args.limit)  # too few tokens: an error now
+        owt_windows(len(data["owt"][0]), model.config.block_size)  # too few tokens: an error now
     rt = setup_runtime(args.device, args.dtype)
     model = model.to(rt.device).eval()
     compiled = compiled_decoding(model, args, rt)
@@ -231,7 +264,7 @@ def main(argv=None):
     settings = EvalSettings(batch_size=args.batch_size, num_beams=args.num_beams, shots=args.shots,
                             length_penalty=args.length_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
                             constrained=args.constrained, max_new_tokens=args.max_new_tokens, data_root=args.data_root,
-                            prompt_block_size=block_size)
+                            prompt_block_size=block_size, protocol=args.protocol, decoding_seed=args.decoding_seed)
     common = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt)},
               "tasks_version": tasks.TASKS_VERSION, "checkpoint_tasks_version": version,
               "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch."),
@@ -239,12 +272,14 @@ def main(argv=None):
     for name in names:  # every process runs every task alike; process 0 gets the results and writes them
         if name == "owt":
             tokens, source, split = data["owt"]
-            result = evaluate_owt(model, tokens, args.limit, rt.autocast, rt.rank, rt.world_size)
+            result = evaluate_owt(model, tokens, args.limit, rt.autocast, rt.rank, rt.world_size, seed=args.sample_seed)
             predictions = None
         else:
-            split, rows, source = data[name]
+            split, rows, source, sample = data[name]
             result, predictions = evaluate_task(model, enc, name, rows, replace(settings, split=split), rt.autocast,
                                                 rt.rank, rt.world_size)
+            if rt.master:
+                result["sample"] = sample
         if not rt.master:
             continue
         result.update(common, split=split, data_source=source)

@@ -93,7 +93,7 @@ def _static_step(model, cache, tokens, positions):
     x = model.drop(x)
     for layer, block in enumerate(model.blocks):
         x = block(x, rope, mask, cache, layer)
-    return model.head(model.ln_f(x))[:, -1]
+    return model.output_logits(model.ln_f(x))[:, -1]
 
 
 class CompiledDecoding:

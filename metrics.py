@@ -185,19 +185,30 @@ def accuracy(predictions, labels):
 
 # ---------------------------------------------------------------- uncertainty
 
-def bootstrap_interval(statistic, n, resamples=1000, level=0.95, seed=0):
+def bootstrap_interval(statistic, n, resamples=1000, level=0.95, seed=0, clusters=None):
     """Percentile bootstrap: `statistic` of `resamples` index arrays drawn with replacement from
-    range(n); returns the (low, high) quantiles around `level`."""
+    range(n); returns the (low, high) quantiles around `level`. clusters (one label per item):
+    draw whole clusters with replacement instead (as many as there are), each bringing all its
+    items, for items that are not independent (the questions of one SQuAD article)."""
     rng = np.random.default_rng(seed)
-    values = [statistic(rng.integers(0, n, size=n)) for _ in range(resamples)]
+    if clusters is not None:
+        labels, which = np.unique([str(c) for c in clusters], return_inverse=True)
+        members = [np.flatnonzero(which == c) for c in range(len(labels))]
+    values = []
+    for _ in range(resamples):
+        if clusters is None:
+            idx = rng.integers(0, n, size=n)
+        else:
+            idx = np.concatenate([members[c] for c in rng.integers(0, len(members), size=len(members))])
+        values.append(statistic(idx))
     tail = (1 - level) / 2
     return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
 
 
-def confidence_intervals(kind, predictions, references_list, resamples=1000):
+def confidence_intervals(kind, predictions, references_list, resamples=1000, clusters=None):
     """95% bootstrap intervals (0-100 scale) of the scores of a task of this kind (extractive_qa,
-    summarization or classification), from its predictions: each per-example score resampled;
-    BLEU, a corpus score, recomputed on each resample."""
+    summarization or classification), from its predictions: each per-example score resampled
+    (by clusters, if given: see bootstrap_interval); BLEU, a corpus score, recomputed on each."""
     if kind == "extractive_qa":
         per_example = squad_example_scores(predictions, references_list)
     elif kind == "summarization":
@@ -209,18 +220,24 @@ def confidence_intervals(kind, predictions, references_list, resamples=1000):
     out = {}
     for key, values in per_example.items():
         values = 100.0 * np.asarray(values)
-        out[key] = bootstrap_interval(lambda idx: values[idx].mean(), n, resamples)
+        out[key] = bootstrap_interval(lambda idx: values[idx].mean(), n, resamples, clusters=clusters)
     if kind == "summarization":
         stats = bleu_statistics(predictions, refs)
-        out["bleu"] = bootstrap_interval(lambda idx: bleu_from_statistics(stats[idx].sum(0)), n, resamples)
+        out["bleu"] = bootstrap_interval(lambda idx: bleu_from_statistics(stats[idx].sum(0)), n, resamples,
+                                         clusters=clusters)
     return out
 
 
 # ---------------------------------------------------------------- baselines
 
+def first_sentences(text, n):
+    """The first n sentences of text (split_sentences), one per line."""
+    return "\n".join(split_sentences(text)[:n])
+
+
 def lead3(article):
     """The classic CNN/DM baseline: the article's first three sentences, one per line."""
-    return "\n".join(split_sentences(article)[:3])
+    return first_sentences(article, 3)
 
 
 # Question words and function words that carry no answer-locating signal.

@@ -259,7 +259,7 @@ class GPT(nn.Module):
             cache.length += T
         x = self.ln_f(x)
         if targets is None:
-            return self.head(x if all_logits else x[:, -1:]), None
+            return self.output_logits(x if all_logits else x[:, -1:]), None
         if loss_rows is not None:  # an index, not a boolean mask: no host sync, a fixed shape
             logits = self.head(x.reshape(-1, x.size(-1)).index_select(0, loss_rows))
             losses = F.cross_entropy(logits.float(), targets.reshape(-1).index_select(0, loss_rows), reduction="none")
@@ -269,9 +269,19 @@ class GPT(nn.Module):
         return None, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def head(self, x):
-        """The output layer's logits, soft-capped when logit_softcap is set: in float32, where tanh
-        near its saturation keeps the differences that bfloat16 would round away."""
-        logits = self.lm_head(x)
+        """Training's logits: the output layer under autocast, soft-capped."""
+        return self.softcap(self.lm_head(x))
+
+    def output_logits(self, x):
+        """Inference logits of the positions that are scored or sampled, in float32 even under
+        autocast: a bf16 head rounds logits of ~20 by up to 0.06, enough to flip close label
+        decisions and beam rankings. Only those positions pay for it (training keeps the fast head)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.softcap(F.linear(x.float(), self.lm_head.weight.float()))
+
+    def softcap(self, logits):
+        """cap * tanh(logits / cap) when logit_softcap is set: in float32, where tanh near its
+        saturation keeps the differences that bfloat16 would round away."""
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits.float() / cap) if cap else logits
 

@@ -231,14 +231,51 @@ def read_evaluations(run):
 
 
 def system_name(m):
-    """A score row's name: which model, and how it was prompted (the metrics' shots record)."""
+    """A score row's name: which model, and how it was prompted (the metrics' shots record). A
+    few-shot row says how many demonstrations fit; one where none fit is called zero-shot."""
     model = "pretrained model" if m.get("checkpoint_tasks_version") is None else "finetuned model"
     shots = m.get("shots") or {}
     if shots.get("requested") is None:
         return f"**{model}**"
     if shots["requested"] == 0:
         return f"{model}, zero-shot ({shots['format']})"
-    return f"{model}, {shots['requested']}-shot ({shots['used_mean']:.1f} examples fit on average)"
+    if shots.get("used_max") == 0:
+        return f"{model}, zero-shot: 0 of {shots['requested']} demonstrations fit ({shots['format']})"
+    fit = f"{shots['used_mean']:.2f} fit on average" + (f", {shots['used_min']}-{shots['used_max']}"
+                                                        if "used_min" in shots else "")
+    return f"{model}, {shots['requested']}-shot requested ({fit})"
+
+
+def protocol(m):
+    """How a row's outputs were made: the decoding, its length cap, and how prompts were cut."""
+    dec, prompts = m.get("decoding") or {}, m.get("prompts")
+    strategy, cap = dec.get("strategy", "?"), f"up to {dec.get('max_new_tokens')} tokens"
+    text = {"label_likelihood": "likelier label word",
+            "greedy": f"greedy, {cap}",
+            "constrained_span": f"greedy span of the passage, {cap}",
+            "beam": f"beam {dec.get('num_beams')}, length penalty {dec.get('length_penalty')}, "
+                    f"no repeated {dec.get('no_repeat_ngram_size')}-grams, {cap}",
+            "sampling": f"top-k={dec.get('top_k')} sampling (seed {dec.get('seed')}), {cap}, first "
+                        f"{dec.get('keep_sentences')} sentences kept"}.get(strategy, strategy)
+    if prompts:
+        cut = f"{prompts['inputs_cut']:,} of {m['count']:,}" if prompts["inputs_cut"] else "none"
+        text += (f"; inputs cut to fit {prompts['block_size']} tokens less {prompts['target_room']} for the "
+                 f"answer ({cut} cut)")
+    return text
+
+
+def sample_line(task, m):
+    """Which examples were scored: the whole split or a seeded sample, and how it was drawn."""
+    s, what = m.get("sample"), f"{m.get('split', 'validation')} {task.example_unit}s"
+    source = relative(m.get("data_source", "?"))
+    if not s:
+        return f"{m['count']:,} {what} from {source} (no sample record: the first rows, if --limit was given)"
+    if s["method"] == "whole split":
+        return f"all {s['rows']:,} {what} of {source}"
+    strata = (f", stratified by {s['stratified_by']} ({s['strata_sampled']} of {s['strata']} strata drawn from)"
+              if s.get("stratified_by") else "")
+    return (f"{s['rows']:,} of the {s['of']:,} {what} of {source}: a seeded random sample (seed {s['seed']})"
+            f"{strata}, ids blake2b `{s['ids_blake2b']}`")
 
 
 def with_interval(value, interval):
@@ -246,55 +283,77 @@ def with_interval(value, interval):
 
 
 def intervals(task, m, eval_dir):
-    """95% bootstrap intervals of the task's scores from its predictions file (when it is whole)."""
+    """95% bootstrap intervals of the task's scores from its predictions file (when it is whole),
+    and what they resample: the task's clusters where every prediction names one (SQuAD's
+    articles), else its examples. ({}, None) without a whole predictions file."""
     path = os.path.join(eval_dir, f"{task.name}_{m['split']}_predictions.jsonl")
     with open(path) if os.path.isfile(path) else contextlib.nullcontext([]) as f:
         preds = [json.loads(line) for line in f if line.strip()]
     kind = next((k for k, cls in (("summarization", tasks.Summarization), ("extractive_qa", tasks.ExtractiveQA),
                                   ("classification", tasks.Classification)) if isinstance(task, cls)), None)
     if not preds or len(preds) != m["count"] or kind is None:
-        return {}
-    return confidence_intervals(kind, [p["prediction"] for p in preds], [p["references"] for p in preds])
+        return {}, None
+    clusters = [p.get(task.cluster_field) for p in preds] if task.cluster_field else None
+    if clusters is not None and None in clusters:
+        clusters = None  # an older predictions file, without the field
+    unit = (f"{len(set(clusters))} clusters of {task.example_unit}s sharing a {task.cluster_field}" if clusters
+            else f"{len(preds)} {task.example_unit}s, one by one")
+    cis = confidence_intervals(kind, [p["prediction"] for p in preds], [p["references"] for p in preds],
+                               clusters=clusters)
+    return cis, unit
 
 
 def scores(evaluations, run):
     evals = evaluations.get("eval") or next(iter(evaluations.values()))
-    out = ("## Evaluation\n\nEach task names its split (by default CNN/DM test, SQuAD and SST-2 validation). "
-           "The pretrained model is scored zero- and few-shot beside the finetuned one: what pretraining alone "
-           "gives, and what finetuning adds. Trivial baselines are scored by the same code (metrics.py). "
+    out = ("## Evaluation\n\nEach task names its split (by default CNN/DM test, SQuAD and SST-2 validation) and "
+           "which examples were scored: the whole split, or a seeded random sample stratified by SQuAD article "
+           "and CNN/DM source (evaluate.py --limit). The pretrained model is scored zero- and few-shot beside the "
+           "finetuned one: what pretraining alone gives, and what finetuning adds; the protocol column says how "
+           "each row's outputs were made. Trivial baselines are scored by the same code (metrics.py). "
            "Published anchors are from other models, data splits and sometimes test sets: context, not a "
-           "like-for-like comparison. Our CNN/DM validation set is CNN-only (no Daily Mail), where Lead-3 "
-           "scores lower than on the full CNN+DM test set. Papers' ROUGE-L (pyrouge) is summary-level, "
-           "i.e. the rougeLsum column. In brackets: a 95% bootstrap confidence interval (1,000 resamples of "
-           "the examples; BLEU recomputed on each).\n")
+           "like-for-like comparison; their names give their protocol. Our CNN/DM validation set is CNN-only (no "
+           "Daily Mail), where Lead-3 scores lower than on the full CNN+DM test set. Papers' ROUGE-L (pyrouge) is "
+           "summary-level, i.e. the rougeLsum column. In brackets: a 95% percentile bootstrap interval (1,000 "
+           "resamples; BLEU recomputed on each); under each table, the unit it resamples: SQuAD's questions are "
+           "resampled by article, all of an article's questions together, as they share passages and topic.\n")
     for task in tasks.TASKS.values():
         m, cols = evals.get(task.name), task.report_metrics
         out += f"\n### {task.name}\n\n"
         if m is None:
             out += "Not run (no eval metrics file).\n"
             continue
-        dec = m.get("decoding") or {}
-        out += (f"{m['count']:,} {m.get('split', 'validation')} examples from {relative(m.get('data_source', '?'))}; "
-                f"decoding: {dec.get('strategy', '?')}; checkpoint sha256 `{m.get('checkpoint', {}).get('sha256', '?')}` "
+        out += (f"{sample_line(task, m)}; checkpoint sha256 `{m.get('checkpoint', {}).get('sha256', '?')}` "
                 f"on {m.get('device', '?')}, {m.get('wall_time_s', 0):.0f} s.\n\n")
         if m["count"] < FEW_EXAMPLES:
             out += (f"**Warning: only {m['count']:,} examples (under {FEW_EXAMPLES}): the scores are rough; "
                     f"evaluate more examples (a larger --limit, or none) before comparing runs.**\n\n")
-        rows = []
+        rows, units = [], []
+        digest = (m.get("sample") or {}).get("ids_blake2b")
         for folder, e in evaluations.items():
             if task.name in e:
-                ci, r = intervals(task, e[task.name], os.path.join(run, folder)), e[task.name]
-                rows.append((system_name(r) + ("" if r["split"] == m["split"] else f" [{r['split']}]"),
+                r = e[task.name]
+                ci, unit = intervals(task, r, os.path.join(run, folder))
+                other = (f" [{r['split']}]" if r["split"] != m["split"] else
+                         f" [another sample: {r['count']:,}]" if (r.get("sample") or {}).get("ids_blake2b") != digest
+                         else "")
+                rows.append((system_name(r) + other, protocol(r),
                              {c: with_interval(r["scores"].get(c), ci.get(c)) for c in cols}))
+                if unit:
+                    units.append(f"{unit} ({system_name(r)})")
         if m.get("baseline"):
-            rows.append((f"baseline: {m['baseline']['name']}", m["baseline"]["scores"]))
-        rows += list(task.anchors)
-        out += table(("system", *cols), [(name, *(fmt(s.get(c)) for c in cols)) for name, s in rows])
+            rows.append((f"baseline: {m['baseline']['name']}", "rule, no model", m["baseline"]["scores"]))
+        rows += [(name, "as published", s) for name, s in task.anchors]
+        out += table(("system", "protocol", *cols), [(name, how, *(fmt(s.get(c)) for c in cols))
+                                                     for name, how, s in rows])
+        if units:
+            out += "\nIntervals resample " + "; ".join(units) + ".\n"
     for task, m in evals.items():
         if task.startswith("owt"):
             s = m["scores"]
+            sample = m.get("sample") or {}
+            how = sample.get("method", "") + (f", seed {sample['seed']}" if sample.get("seed") is not None else "")
             out += (f"\n### web text ({task})\n\nloss {s['loss']:.4f}, perplexity {s['perplexity']:.1f} over "
-                    f"{s['tokens']:,} held-out tokens ({m.get('data_source', '?')}).\n")
+                    f"{s['tokens']:,} held-out tokens ({m.get('data_source', '?')}" + (f"; {how}" if how else "") + ").\n")
     return out
 
 

@@ -7,7 +7,13 @@ longest prompts first; batch i is decoded by process i % world_size (interleaved
 take about the same time), and process 0 gathers the outputs, scores them and returns the
 results. N processes thus decode exactly the batches one process decodes: the predictions and
 scores are the same, and only the TIMING_FIELDS of the metrics differ.
+
+protocol "gpt2" (CNN/DM zero-shot) is Radford et al. 2019's summarization protocol: the article,
+"TL;DR:", 100 tokens of top-k=2 sampling, and the first 3 generated sentences as the summary. The
+sampling generator of each batch is seeded from the seed and the batch's prompts: the same seed
+and batch size give the same summaries (under torchrun too); another batch size draws others.
 """
+import hashlib
 import sys
 import time
 from contextlib import nullcontext
@@ -21,6 +27,8 @@ from tqdm import tqdm
 
 import fewshot
 import memory
+import metrics
+import subsets
 import tasks
 from common import EOT, UserError
 from generation import (batched_beam_search, constrained_span_decode, decode_text, label_logprobs,
@@ -35,6 +43,10 @@ OWT_BATCH_TOKENS = 4096
 # data and settings on the same kind of device agree on everything else: compare them without these.
 TIMING_FIELDS = ("wall_time_s", "examples_per_s", "generated_tokens_per_s", "tokens_per_s", "processes",
                  "batches_halved")
+PROTOCOLS = ("default", "gpt2")
+# Radford et al. 2019, section 3.6: "generate 100 tokens with Top-k random sampling with k = 2 ... We
+# use the first 3 generated sentences in these 100 tokens as the summary"
+GPT2_SUMMARY = dict(strategy="sampling", top_k=2, temperature=1.0, max_new_tokens=100, keep_sentences=3)
 
 
 @dataclass
@@ -49,6 +61,8 @@ class EvalSettings:
     data_root: Optional[str] = None  # for training rows: the majority baseline, few-shot examples
     prompt_block_size: Optional[int] = None  # the finetuning data's (model.pt records it); None: the model's
     shots: Optional[int] = None      # None: the finetuning prompt; K: K training examples first
+    protocol: str = "default"        # "gpt2": GPT-2's zero-shot summarization protocol (CNN/DM, shots 0)
+    decoding_seed: int = 0           # seeds the sampling of a sampling protocol
     progress: bool = True
 
 
@@ -149,6 +163,8 @@ def decode_within_memory(decode, batch, device):
 def decoding_settings(task, s):
     if task.label_words:
         return {"strategy": "label_likelihood", "labels": list(task.label_words)}
+    if s.protocol == "gpt2":
+        return {"protocol": "gpt2", **GPT2_SUMMARY, "seed": s.decoding_seed, "stop_tokens": [EOT]}
     strategy = ("constrained_span" if s.constrained and task.extractive else
                 "beam" if s.num_beams > 1 or s.no_repeat_ngram_size else "greedy")
     out = {"strategy": strategy, "max_new_tokens": s.max_new_tokens or task.max_new_tokens,
@@ -169,6 +185,10 @@ def _generate(model, prompts, decoding, on_token=None):
     if decoding["strategy"] == "beam":
         return batched_beam_search(model, batch, decoding["num_beams"], n, decoding["length_penalty"],
                                    decoding["no_repeat_ngram_size"], decoding["stop_tokens"])
+    if decoding["strategy"] == "sampling":
+        generator = torch.Generator(model.wte.weight.device).manual_seed(batch_seed(decoding["seed"], batch))
+        return model.generate(batch, n, temperature=decoding["temperature"], top_k=decoding["top_k"],
+                              stop_tokens=decoding["stop_tokens"], generator=generator)
     return model.generate(batch, n, stop_tokens=decoding["stop_tokens"], on_token=on_token)
 
 
@@ -186,11 +206,20 @@ def decode_prompts(model, prompts, decoding, labels, on_token=None):
     return _generate(model, prompts, decoding, on_token)
 
 
-def answer_text(task, enc, output):
-    """The answer an output of decode_prompts stands for: the likelier label word, or the new tokens' text."""
+def answer_text(task, enc, output, decoding=None):
+    """The answer an output of decode_prompts stands for: the likelier label word, or the new tokens'
+    text (under GPT-2's protocol, its first decoding["keep_sentences"] sentences)."""
     if task.label_words:
         return task.label_words[int(np.argmax(output))].strip()
-    return decode_text(enc, output)
+    text = decode_text(enc, output)
+    keep = (decoding or {}).get("keep_sentences")
+    return metrics.first_sentences(text, keep) if keep else text
+
+
+def batch_seed(seed, batch):
+    """A generator seed from the seed and the batch's prompts: the same batch samples alike wherever
+    it is decoded (in a batch-size try, on any torchrun process)."""
+    return int.from_bytes(hashlib.blake2b(repr((seed, batch)).encode(), digest_size=8).digest(), "little") >> 1
 
 
 @torch.no_grad()
@@ -203,8 +232,8 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext, rank=0
     started = time.perf_counter()
     model.eval()
     device = model.wte.weight.device
-    prompts, shots, shots_record = fewshot.build_prompts(task, rows, enc, settings.prompt_block_size or
-                                                          model.config.block_size, settings.shots, settings.data_root)
+    block_size = settings.prompt_block_size or model.config.block_size
+    prompts, shots, shots_record = fewshot.build_prompts(task, rows, enc, block_size, settings.shots, settings.data_root)
     decoding = decoding_settings(task, settings)
     labels = label_ids(task, enc)
 
@@ -242,16 +271,22 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext, rank=0
     predictions = []
     for i, (row, n_shots) in enumerate(zip(rows, shots)):
         pred = {"id": task.example_id(row)} | ({} if n_shots is None else {"shots": n_shots})
-        pred["prediction"] = answer_text(task, enc, outputs[i])
+        pred["prediction"] = answer_text(task, enc, outputs[i], decoding)
+        if task.cluster_field:  # what the report's bootstrap resamples
+            pred[task.cluster_field] = row.get(task.cluster_field)
         if labels:
             pred["label_logprobs"] = {w.strip(): lp for w, lp in zip(task.label_words, outputs[i])}
+        elif "keep_sentences" in decoding:  # GPT-2's protocol: the text before its cut to sentences
+            pred["generated"] = decode_text(enc, outputs[i])
         pred["references"] = task.references(row)
         predictions.append(pred)
     scores = task.score([p["prediction"] for p in predictions], [p["references"] for p in predictions])
     generated = None if labels else sum(len(out) for out in outputs.values())
     result = {"task": task.name, "split": settings.split, "count": len(rows), "scores": scores,
               "baseline": task.baseline(rows, settings.data_root, settings.split), "decoding": decoding,
-              "shots": shots_record, "batch_size": size, "batch_size_rule": rule, "generated_tokens": generated,
+              "shots": shots_record, "prompts": {"block_size": block_size, "target_room": task.max_target_tokens,
+                                                 "inputs_cut": sum(p.cut > 0 for p in prompts)},
+              "batch_size": size, "batch_size_rule": rule, "generated_tokens": generated,
               # the TIMING_FIELDS, together
               "wall_time_s": round(elapsed, 3), "examples_per_s": round(len(rows) / elapsed, 3),
               "generated_tokens_per_s": None if labels else round(generated / elapsed, 2),
@@ -259,42 +294,46 @@ def evaluate_task(model, enc, task, rows, settings, autocast=nullcontext, rank=0
     return result, predictions
 
 
-def owt_windows(n_tokens, block_size, limit=None):
-    """How many non-overlapping block_size windows, each with its next-token targets, n_tokens hold."""
+def owt_windows(n_tokens, block_size, limit=None, seed=subsets.SEED):
+    """Indices of the non-overlapping block_size windows (each with its next-token targets) that
+    n_tokens hold: all of them, or a seeded random sample of `limit`, in order (subsets.py)."""
     windows = (n_tokens - 1) // block_size
     if windows <= 0:
         raise UserError(f"{n_tokens} tokens are fewer than block_size + 1 = {block_size + 1}; give more text")
-    return min(windows, limit) if limit else windows
+    return subsets.stratified_indices([None] * windows, limit or windows, seed)
 
 
 @torch.no_grad()
-def evaluate_owt(model, tokens, limit=None, autocast=nullcontext, rank=0, world_size=1, progress=True):
-    """Mean loss / perplexity over consecutive non-overlapping block_size windows of a token array.
-    Under torchrun batch i of windows is process i % world_size's, and process 0 adds up the
-    batches' losses in order, as one process does (the same loss to the bit); the others return None."""
+def evaluate_owt(model, tokens, limit=None, autocast=nullcontext, rank=0, world_size=1, progress=True,
+                 seed=subsets.SEED):
+    """Mean loss / perplexity over non-overlapping block_size windows of a token array: all of them,
+    or a seeded sample of `limit` windows. Under torchrun batch i of windows is process i %
+    world_size's, and process 0 adds up the batches' losses in order, as one process does (the same
+    loss to the bit); the others return None."""
     started, T = time.perf_counter(), model.config.block_size
-    windows = owt_windows(len(tokens), T, limit)
+    windows = owt_windows(len(tokens), T, limit, seed)
     model.eval()
     device, per_batch = model.wte.weight.device, max(1, OWT_BATCH_TOKENS // T)
-    starts = range(0, windows, per_batch)
+    batches = batches_of(windows, per_batch)
     losses = {}  # batch index -> its mean loss times its number of windows
-    mine = range(rank, len(starts), world_size)
+    mine = range(rank, len(batches), world_size)
     with progress_bar(len(mine), "owt", "batch", rank, world_size, progress) as bar:
         for b in mine:
-            first, n = starts[b], min(per_batch, windows - starts[b])
-            rows = np.stack([np.asarray(tokens[w * T:(w + 1) * T + 1], dtype=np.int64)
-                             for w in range(first, first + n)])
+            rows = np.stack([np.asarray(tokens[w * T:(w + 1) * T + 1], dtype=np.int64) for w in batches[b]])
             rows = torch.from_numpy(rows).to(device)
             with autocast():
                 _, loss = model(rows[:, :-1], targets=rows[:, 1:])
-            losses[b] = loss.float().item() * n
+            losses[b] = loss.float().item() * len(batches[b])
             bar.update()
     parts = gather(losses, world_size)
     if rank != 0:
         return None
     losses = {b: value for part in parts for b, value in part.items()}
-    loss = sum(losses[b] for b in range(len(starts))) / windows
+    loss = sum(losses[b] for b in range(len(batches))) / len(windows)
     elapsed = time.perf_counter() - started
-    return {"task": "owt", "count": windows, "scores": {"loss": loss, "perplexity": float(np.exp(loss)),
-            "windows": windows, "tokens": windows * T}, "baseline": None,
-            "wall_time_s": round(elapsed, 3), "tokens_per_s": round(windows * T / elapsed, 1), "processes": world_size}
+    all_windows = [None] * ((len(tokens) - 1) // T)
+    return {"task": "owt", "count": len(windows), "scores": {"loss": loss, "perplexity": float(np.exp(loss)),
+            "windows": len(windows), "tokens": len(windows) * T}, "baseline": None,
+            "sample": subsets.describe(all_windows, windows, windows, seed, None),
+            "wall_time_s": round(elapsed, 3), "tokens_per_s": round(len(windows) * T / elapsed, 1),
+            "processes": world_size}

@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+import subsets
 from common import EOT, UserError
 
 TASKS_VERSION = 1
@@ -75,6 +76,10 @@ class Task:
     report_metrics: tuple = ()       # score columns in REPORT.md, in order
     anchors: tuple = ()              # (published system, {metric: value}) reference points
     zero_shot_separator: Optional[str] = None  # zero-shot prompt: the bare input, then this (GPT-2's TL;DR)
+    example_unit: str = "example"    # what one row is, for REPORT.md ("question", "sentence", ...)
+    stratified_by: Optional[str] = None  # what stratum(row) is, in words (None: --limit draws unstratified)
+    cluster_field: Optional[str] = None  # rows sharing this field's value are not independent: the
+    # bootstrap resamples these clusters (SQuAD: "title", the article), and predictions carry the field
 
     def inputs(self, row):
         """The example's input texts as used in the prompt (also what decontamination looks for)."""
@@ -101,6 +106,23 @@ class Task:
 
     def example_id(self, row):
         return str(row[self.id_field])
+
+    def stratum(self, row):
+        """The row's stratum for a representative --limit sample (None: no strata)."""
+        return None
+
+    def sample_indices(self, rows, n=None, seed=subsets.SEED):
+        """Indices (ascending) of a seeded sample of n rows stratified by stratum() (subsets.py);
+        all of them when n is None."""
+        return subsets.stratified_indices([self.stratum(r) for r in rows], len(rows) if n is None else n, seed)
+
+    def subset(self, rows, n=None, seed=subsets.SEED):
+        """(rows, record): the rows of sample_indices, in the split's order, and the record that
+        describes the sample for the metrics JSON."""
+        chosen = self.sample_indices(rows, n, seed)
+        record = subsets.describe([self.stratum(r) for r in rows], chosen, [self.example_id(rows[i]) for i in chosen],
+                                  seed, self.stratified_by)
+        return [rows[i] for i in chosen], record
 
     def training_target(self, row):
         """The text the model learns to write after the separator (TARGET_PREFIX is added)."""
@@ -162,7 +184,9 @@ class Task:
         return f"hub:{self.hub_path}" + (f"/{self.hub_config}" if self.hub_config else "") + f" split {split}"
 
     def load_rows(self, split, data_root=None, limit=None):
-        """The rows of one split as dicts: from the hub, or from <data_root>/<local_dir>/<split>.jsonl[.gz]."""
+        """The rows of one split as dicts: from the hub, or from <data_root>/<local_dir>/<split>.jsonl[.gz].
+        limit: only the first N rows, read cheaply (smoke-sized training data, the few-shot pool);
+        a scored subset is subset() of all the rows, from either source."""
         if data_root is None:
             rows, source = _load_hub(self, split, limit), f"{self.hub_path} split {split!r}"
         else:
@@ -192,6 +216,8 @@ class Summarization(Task):
     input_field: str = "article"
     target_field: str = "highlights"
     report_metrics: tuple = ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")
+    example_unit: str = "article"
+    stratified_by: Optional[str] = "source (CNN or Daily Mail, read from the URL, else the article's opening)"
 
     def inputs(self, row):
         return [row[self.input_field].strip()]
@@ -202,6 +228,9 @@ class Summarization(Task):
 
     def references(self, row):
         return [row[self.target_field].strip()]
+
+    def stratum(self, row):
+        return news_source(row.get("url"), row[self.input_field])
 
     def score(self, predictions, references):
         import metrics
@@ -218,6 +247,12 @@ class ExtractiveQA(Task):
     stop_tokens: tuple = (EOT, *NEWLINES)  # an answer is one line
     extractive: bool = True
     report_metrics: tuple = ("exact_match", "f1")
+    example_unit: str = "question"
+    stratified_by: Optional[str] = "article (title)"
+    cluster_field: Optional[str] = "title"  # an article's questions share its passages
+
+    def stratum(self, row):
+        return row.get("title")
 
     def inputs(self, row):
         return [row["context"].strip(), row["question"].strip()]
@@ -247,6 +282,7 @@ class ExtractiveQA(Task):
 class Classification(Task):
     input_field: str = "sentence"
     report_metrics: tuple = ("accuracy",)
+    example_unit: str = "sentence"
 
     def inputs(self, row):
         return [row[self.input_field].strip()]
@@ -309,7 +345,8 @@ register(Summarization(
     instruction="Summarize the following news article.", input_label="Article", separator="\n\nSummary:",
     zero_shot_separator="\nTL;DR:", anchors=(("Lead-3, full CNN+DM test (See et al. 2017, \"Get To The Point\")",
               {"rouge1": 40.34, "rouge2": 17.70, "rougeLsum": 36.57}),
-             ("GPT-2 1.5B zero-shot \"TL;DR:\", CNN+DM test (Radford et al. 2019, Table 4)",
+             ("GPT-2 1.5B zero-shot \"TL;DR:\", top-k=2 sampling, first 3 sentences, CNN+DM test "
+              "(Radford et al. 2019, Table 4)",
               {"rouge1": 29.34, "rouge2": 8.27, "rougeLsum": 26.58}))))
 register(ExtractiveQA(
     name="squad", hub_path="rajpurkar/squad", hub_config=None, local_dir="squad",
@@ -339,6 +376,20 @@ def task_list(names):
     if not names or names == ["all"]:
         return list(TASKS.values())
     return [get_task(n) for n in names]
+
+
+# ----------------------------------------------------------------------------- strata
+
+def news_source(url, article):
+    """A CNN/DM story's source, "cnn" or "dailymail". The hub's ids are SHA-1s of the URL, so
+    without a url field the article tells: CNN stories credit "(CNN)" (or a partner, "(The
+    Hollywood Reporter)") at their start, Daily Mail ones do not. On the 10,000 test rows this finds 1,063 CNN stories, all
+    among the first 1,065 rows, where the HF split has its CNN block (two CNN Student News
+    transcripts, which credit no one, count as Daily Mail)."""
+    if url:
+        return "cnn" if "cnn.com" in url else "dailymail"
+    opening = article.lstrip()[:200]
+    return "cnn" if "(CNN)" in opening or opening.startswith("(") else "dailymail"
 
 
 # ----------------------------------------------------------------------------- loading

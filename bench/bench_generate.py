@@ -22,8 +22,8 @@ call of each shape is timed apart (it compiles); both must give the same tokens.
 Eval part: scoring.evaluate_task on each task's scored split, greedy and with --eval-beams
 beams (n-gram blocking 3), with --ckpt or else random weights of --shape (never
 an EOT, so every example generates the task's whole max_new_tokens: an upper bound). All of a
-split, or the first --limit examples extrapolated to the whole split (reported as an
-estimate); --per-prompt-too also times beam runs with the one-prompt-at-a-time search.
+split, or a sample of --limit examples (evaluate.py's seeded stratified sample) extrapolated to the
+whole split (reported as an estimate); --per-prompt-too also times beam runs with the one-prompt-at-a-time search.
 
     python bench/bench_generate.py                      # one thread, as the numbers in the docs
     python bench/bench_generate.py --parts beam --repeats 3
@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--data-root", help="eval: local task data (default: the hub)")
     p.add_argument("--tasks", nargs="+", default=["all"], help="eval: tasks to time")
     p.add_argument("--eval-beams", type=int, nargs="+", default=[1, 4], help="eval: 1 is greedy")
-    p.add_argument("--limit", type=int, help="eval: time the first N examples of each split and extrapolate")
+    p.add_argument("--limit", type=int, help="eval: time evaluate.py's --limit sample of N examples of each split "
+                                             "and extrapolate")
     p.add_argument("--per-prompt-too", action="store_true",
                    help="eval: also time beam runs with the per-prompt reference search, as evaluate.py did before")
     p.add_argument("--batch-size", type=int, default=16, help="eval: evaluation batch size")
@@ -216,7 +217,7 @@ def bench_eval(args, device):
     for task in tasks.task_list(",".join(args.tasks)):
         name, split = task.name, task.eval_splits[0]
         rows = task.load_rows(split, args.data_root)
-        timed = rows[:args.limit] if args.limit else rows
+        timed = task.subset(rows, args.limit)[0]
         for beams in (args.eval_beams if not task.label_words else [1]):  # labels are scored, not decoded
             settings = scoring.EvalSettings(split=split, batch_size=args.batch_size, data_root=args.data_root,
                                              num_beams=beams, no_repeat_ngram_size=3 if beams > 1 else 0)
@@ -229,7 +230,7 @@ def bench_eval(args, device):
                              "labels_scored": bool(task.label_words), "examples_timed": len(timed),
                              "split_size": len(rows), "seconds_timed": timed_s, "full_split_seconds": round(seconds, 1),
                              "full_split_is_estimate": len(timed) < len(rows)})
-                label = f"ESTIMATE from the first {len(timed)}" if len(timed) < len(rows) else "measured"
+                label = f"ESTIMATE from a sample of {len(timed)}" if len(timed) < len(rows) else "measured"
                 print(f"{name} {split} ({len(rows)} examples), {'greedy' if beams == 1 else f'beam {beams}'}"
                       f"{'' if beams == 1 else f' ({search})'}: {seconds / 60:.1f} min ({label}); "
                       f"{len(timed) / timed_s:.2f} ex/s", flush=True)

@@ -7,7 +7,7 @@ when the variable is unset, so the "default" runs start the script through a wra
 imports torch first: OpenMP then starts with the variable unset, as before the toolkit set it.
 Every job uses torch's default thread count (one per core), as a user's run does. The model
 has the CPU preset's shape (config/pretrain_cpu.py); the corpus is random tokens (speed does
-not depend on them), the evaluation uses the first --limit CNN/DailyMail validation articles.
+not depend on them), the evaluation scores evaluate.py's --limit sample of CNN/DailyMail articles.
 
     python bench/bench_omp.py --data-root ../shared/data
 Prints the median seconds of --repeats runs (the policies alternate) and the ratio default /

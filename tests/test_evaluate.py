@@ -11,7 +11,9 @@ import torch
 from torch.nn import functional as F
 
 import evaluate
+import metrics
 import scoring
+import subsets
 import tasks
 from common import UserError, get_tokenizer
 from generation import beam_search, constrained_span_decode, decode_text, label_logprobs
@@ -146,6 +148,14 @@ def test_evaluate_end_to_end(tmp_path, shared_data):
         assert set(result["baseline"]["scores"]) == set(result["scores"])
         assert result["data_source"].startswith(str(shared_data))
         assert result["batch_size"] == 16 and result["processes"] == 1  # auto on the CPU: 16 prompts
+        sample = result["sample"]  # a seeded sample, named by the hash of its ids
+        assert sample["rows"] == 3 and sample["seed"] == 0 and sample["method"].startswith("seeded random sample")
+        assert sample["ids_blake2b"] == subsets.ids_digest(p["id"] for p in preds)
+        assert result["prompts"]["block_size"] == 512 and 0 <= result["prompts"]["inputs_cut"] <= 3
+    first = [r["id"] for r in tasks.get_task("squad").load_rows("validation", str(shared_data), limit=3)]
+    squad_preds = [json.loads(line) for line in open(tmp_path / "eval" / "squad_validation_predictions.jsonl")]
+    assert [p["id"] for p in squad_preds] != first  # not the first three rows
+    assert all(p["title"] for p in squad_preds)  # the article, which the report's bootstrap resamples
     squad = json.load(open(tmp_path / "eval/squad_validation_metrics.json"))
     assert {"exact_match", "f1", "rougeL"} <= set(squad["scores"])
     cnn = json.load(open(tmp_path / "eval/cnn_dailymail_test_metrics.json"))
@@ -154,6 +164,7 @@ def test_evaluate_end_to_end(tmp_path, shared_data):
     assert "label_logprobs" in json.loads(open(tmp_path / "eval/sst2_validation_predictions.jsonl").readline())
     owt = json.load(open(tmp_path / "eval/owt_text_metrics.json"))
     assert owt["scores"]["windows"] == 3 and 9 < owt["scores"]["loss"] < 12  # ~ln(50257) untrained
+    assert owt["sample"]["rows"] == 3 and owt["sample"]["seed"] == 0
     assert "exact_match" in proc.stdout and "baseline" in proc.stdout
 
 
@@ -252,3 +263,70 @@ def test_owt_bin_of_odd_length_is_a_one_line_error(tmp_path):
     (tmp_path / "val.bin").write_bytes(b"\x01\x00" * 600 + b"\x01")  # cut mid-token
     line = error_line(run_eval("--task", "owt", "--ckpt", ckpt, "--owt-bin", tmp_path / "val.bin"))
     assert "val.bin has an odd number of bytes" in line
+
+
+def test_owt_limit_scores_a_seeded_sample_of_windows():
+    model, T = tiny(block_size=16), 16
+    tokens = torch.randint(0, 512, (10 * T + 1,), generator=torch.Generator().manual_seed(0)).numpy()
+    windows = scoring.owt_windows(len(tokens), T, 4)
+    assert windows == scoring.owt_windows(len(tokens), T, 4) and windows != [0, 1, 2, 3] and len(set(windows)) == 4
+    assert scoring.owt_windows(len(tokens), T) == list(range(10))
+    result = scoring.evaluate_owt(model, tokens, 4, progress=False)
+    expected = [model(torch.from_numpy(tokens[w * T:(w + 1) * T][None]).long(),
+                      targets=torch.from_numpy(tokens[w * T + 1:(w + 1) * T + 1][None]).long())[1].item()
+                for w in windows]
+    assert result["scores"]["loss"] == pytest.approx(sum(expected) / 4, rel=1e-5)
+    assert result["sample"]["rows"] == 4 and result["sample"]["of"] == 10 and result["sample"]["seed"] == 0
+
+
+@pytest.fixture(scope="module")
+def cnn_rows(shared_data):
+    return tasks.get_task("cnn_dailymail").load_rows("test", str(shared_data), limit=3)
+
+
+def gpt2_settings(seed=0):
+    return scoring.EvalSettings(split="test", batch_size=2, shots=0, protocol="gpt2", decoding_seed=seed,
+                                progress=False)
+
+
+def test_gpt2_protocol_samples_top2_for_100_tokens_and_keeps_the_first_three_sentences(cnn_rows, monkeypatch):
+    enc, model = get_tokenizer(), tiny(vocab_size=50304, block_size=512)
+    text = " One fell. Two rose. Three ran. Four sat. Five slept."
+    calls = []
+
+    def generate(prompts, n, **kw):
+        calls.append((n, kw))
+        return [enc.encode_ordinary(text)] * len(prompts)
+
+    monkeypatch.setattr(model, "generate", generate)
+    result, preds = scoring.evaluate_task(model, enc, "cnn_dailymail", cnn_rows, gpt2_settings())
+    assert [p["prediction"] for p in preds] == ["One fell.\nTwo rose.\nThree ran."] * 3
+    assert preds[0]["generated"] == text.strip()
+    n, kw = calls[0]
+    assert n == 100 and kw["top_k"] == 2 and kw["temperature"] == 1.0 and isinstance(kw["generator"], torch.Generator)
+    assert result["decoding"] == {"protocol": "gpt2", "strategy": "sampling", "top_k": 2, "temperature": 1.0,
+                                  "max_new_tokens": 100, "keep_sentences": 3, "seed": 0, "stop_tokens": [50256]}
+
+
+def test_gpt2_protocol_is_reproducible_under_its_seed(cnn_rows):
+    enc, model = get_tokenizer(), tiny(vocab_size=50304, block_size=512)
+    runs = [scoring.evaluate_task(model, enc, "cnn_dailymail", cnn_rows, gpt2_settings(seed)) for seed in (0, 0, 1)]
+    generated = [[p["generated"] for p in preds] for _, preds in runs]
+    assert generated[0] == generated[1] and generated[0] != generated[2]
+    result, preds = runs[0]
+    assert 0 < result["generated_tokens"] <= 3 * 100
+    for p in preds:
+        assert p["prediction"] == metrics.first_sentences(p["generated"], 3)
+
+
+def test_gpt2_protocol_is_cnn_dailymail_zero_shot_with_its_own_decoding():
+    base = ["--task", "cnn_dailymail", "--ckpt", "ckpt.pt", "--protocol", "gpt2"]
+    assert evaluate.parse_args(base).shots == 0  # implied
+    assert evaluate.parse_args(base + ["--shots", "0"]).shots == 0
+    for extra, message in ((["--shots", "3"], "zero-shot; drop --shots 3"), (["--num-beams", "4"], "drop --num-beams"),
+                           (["--max-new-tokens", "64"], "drop --max-new-tokens")):
+        with pytest.raises(UserError, match=message):
+            evaluate.parse_args(base + extra)
+    with pytest.raises(UserError, match="use it with --task cnn_dailymail, not squad"):
+        evaluate.parse_args(["--task", "squad", "--ckpt", "ckpt.pt", "--protocol", "gpt2"])
+

@@ -226,3 +226,29 @@ def test_confidence_intervals_cover_each_reported_score():
     assert squad["exact_match"][0] == 0.0 and squad["exact_match"][1] == 100.0
     sst2 = metrics.confidence_intervals("classification", ["positive"] * 4, [["positive"]] * 4)
     assert sst2 == {"accuracy": (100.0, 100.0)}
+
+
+def test_cluster_bootstrap_is_wider_than_iid_on_clustered_scores():
+    """40 articles of 25 questions; an article is easy or hard for the model (its own success rate),
+    so its questions' scores move together and the i.i.d. bootstrap understates the uncertainty."""
+    rng = np.random.default_rng(0)
+    rates = rng.uniform(0.1, 0.9, size=40)
+    clusters = np.repeat([f"article {a}" for a in range(40)], 25)
+    scores = (rng.random(1000) < np.repeat(rates, 25)).astype(float)
+    def mean(idx):
+        return scores[idx].mean()
+
+    lo, hi = metrics.bootstrap_interval(mean, 1000)
+    clo, chi = metrics.bootstrap_interval(mean, 1000, clusters=list(clusters))
+    assert clo < scores.mean() < chi
+    assert chi - clo > 2 * (hi - lo)  # ~ sqrt(1 + 24 * intra-cluster correlation) wider
+    # scores that do not depend on the article: the two agree
+    flat = (rng.random(1000) < 0.5).astype(float)
+    width = [np.subtract(*metrics.bootstrap_interval(lambda idx: flat[idx].mean(), 1000, clusters=c))
+             for c in (None, list(clusters))]
+    assert width[1] == pytest.approx(width[0], rel=0.35)
+    # through confidence_intervals, as report.py calls it: each SQuAD question right or wrong by its article
+    preds = ["Denver Broncos" if s else "x" for s in scores]
+    cis = metrics.confidence_intervals("extractive_qa", preds, [["Denver Broncos"]] * 1000, resamples=200,
+                                       clusters=list(clusters))
+    assert cis["exact_match"][1] - cis["exact_match"][0] > 2 * 100 * (hi - lo)

@@ -103,8 +103,8 @@ def run(tmp_path):
     sst2 = metrics.accuracy(["positive", "positive"], ["positive", "negative"])
     files = {
         "squad": (eval_result("squad", squad, {"name": "question-overlap sentence", "scores": squad_base}),
-                  [{"id": "q1", "prediction": "Denver Broncos", "references": ["Denver Broncos"]},
-                   {"id": "q2", "prediction": "in 1990", "references": ["1989", "in 1989"]}]),
+                  [{"id": "q1", "title": "Super_Bowl_50", "prediction": "Denver Broncos", "references": ["Denver Broncos"]},
+                   {"id": "q2", "title": "Warsaw", "prediction": "in 1990", "references": ["1989", "in 1989"]}]),
         "cnn_dailymail": (eval_result("cnn_dailymail", cnn, {"name": "lead-3", "scores": cnn}, "test"),
                           [{"id": "c1", "prompt": "Article: " + "word " * 200, "prediction": "A man was hurt today.",
                             "references": [cnn_refs[0]]}]),
@@ -113,13 +113,18 @@ def run(tmp_path):
                  [{"id": "7", "prediction": "positive", "references": ["positive"],
                    "label_logprobs": {"negative": -2.0, "positive": -0.5}}]),
     }
+    files["squad"][0]["sample"] = {"rows": 2, "of": 8981, "method": "seeded random sample, proportionally stratified",
+                                   "seed": 0, "stratified_by": "article (title)", "strata": 40, "strata_sampled": 2,
+                                   "ids_blake2b": "ab" * 16}
+    files["squad"][0]["prompts"] = {"block_size": 64, "target_room": 32, "inputs_cut": 1}
     for task, (result, preds) in files.items():
         (run / "eval" / f"{task}_{result['split']}_metrics.json").write_text(json.dumps(result))
         lines = "".join(json.dumps(p) + "\n" for p in preds)
         (run / "eval" / f"{task}_{result['split']}_predictions.jsonl").write_text(lines)
+    fewshot = {"requested": 3, "format": "finetuning prompt", "used_mean": 2.25, "used_min": 1, "used_max": 3}
     for shots, f1 in ((0, 12.5), (3, 25.0)):  # the pretrained model, zero- and few-shot, SQuAD only
         pretrained = dict(files["squad"][0], checkpoint_tasks_version=None, scores=dict(squad, f1=f1),
-                          shots={"requested": shots, "format": "finetuning prompt", "used_mean": 2.25})
+                          shots=fewshot if shots else {"requested": 0, "format": "finetuning prompt"})
         (run / f"eval_pretrained_{shots}shot").mkdir()
         (run / f"eval_pretrained_{shots}shot" / "squad_validation_metrics.json").write_text(json.dumps(pretrained))
     owt = {"task": "owt", "split": "val", "count": 3, "baseline": None, "wall_time_s": 0.1, "tokens_per_s": 1920.0,
@@ -151,10 +156,17 @@ def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
     assert "finetune.py --x=1" in text and "skipped" in text and "--preset smoke" in text
     assert "cnn_dailymail:2,squad:2,sst2:1" in text and "| squad | 3.0000 | 3.8000 |" not in text
     assert "| squad | 4.0000 | 3.8000 | 3.8000 |" in text  # per-task start, end and model.pt losses
-    assert "| system | exact_match | f1 |\n|---|---|---|\n| **finetuned model** | 50.00 [0.00, 100.00] |" in text
-    assert "| pretrained model, zero-shot (finetuning prompt) | 50.00 | 12.50 |" in text
-    assert "| pretrained model, 3-shot (2.2 examples fit on average) | 50.00 | 25.00 |" in text
-    assert "2 test examples" in text and "### cnn_dailymail (test)" in text  # the split is named
+    greedy = "greedy, up to 32 tokens; inputs cut to fit 64 tokens less 32 for the answer (1 of 2 cut)"
+    assert ("| system | protocol | exact_match | f1 |\n|---|---|---|---|\n| **finetuned model** | " + greedy
+            + " | 50.00 [0.00, 100.00] |") in text
+    assert f"| pretrained model, zero-shot (finetuning prompt) | {greedy} | 50.00 | 12.50 |" in text
+    assert "| pretrained model, 3-shot requested (2.25 fit on average, 1-3) |" in text
+    assert "2 test articles from ../shared/cnn_dailymail (no sample record" in text  # the split is named
+    assert "### cnn_dailymail (test)" in text
+    assert ("2 of the 8,981 validation questions of ../shared/squad: a seeded random sample (seed 0), stratified by "
+            f"article (title) (2 of 40 strata drawn from), ids blake2b `{'ab' * 16}`") in text
+    assert "top-k=2 sampling, first 3 sentences, CNN+DM test" in text and "| as published |" in text
+    assert "Intervals resample 2 clusters of questions sharing a title (**finetuned model**)." in text
     assert "python finetune.py" in text and "--task_weights=cnn_dailymail:2,squad:2,sst2:1" in text
     assert "Article: word word" in text and "..." in text and "id `q1`" in text
     for name in ("pretrain_loss.png", "finetune_loss.png"):
@@ -222,3 +234,17 @@ def test_missing_run_folder_is_a_one_line_error(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_few_shot_row_where_no_demonstration_fits_is_called_zero_shot(shared_data):
+    """CNN/DM articles fill a 512-token block by themselves: "3-shot" there is zero-shot."""
+    import fewshot
+    from common import get_tokenizer
+    task = tasks.get_task("cnn_dailymail")
+    rows = task.load_rows("test", str(shared_data), limit=4)
+    record = fewshot.build_prompts(task, rows, get_tokenizer(), 512, 3, str(shared_data))[2]
+    assert record["used_max"] == 0
+    name = report.system_name({"checkpoint_tasks_version": None, "shots": record})
+    assert name.startswith("pretrained model, zero-shot: 0 of 3 demonstrations fit") and "3-shot" not in name
+    some = dict(record, used_mean=0.38, used_min=0, used_max=1)
+    assert report.system_name({"shots": some}).startswith("pretrained model, 3-shot requested (0.38 fit on average, 0-1)")
