@@ -137,7 +137,8 @@ class MetricsLog:
 @torch.no_grad()
 def estimate_losses(model, eval_sources, eval_iters, rt):
     """Mean loss over eval_iters fixed batches per source (the same batches at every evaluation,
-    so successive values are comparable), split across processes. `model` is not DDP-wrapped:
+    so successive values are comparable), split across processes: the batches' losses over the
+    sum of their loss weights (a finetuning batch's need not sum to 1). `model` is not DDP-wrapped:
     a rank with no batch to score runs no collective but the final sum."""
     model.eval()
     losses = {}
@@ -147,12 +148,18 @@ def estimate_losses(model, eval_sources, eval_iters, rt):
             x, y, rows, weights, positions = (t.to(rt.device) if t is not None else None for t in source.batch(0, k))
             with rt.autocast():
                 _, loss = model(x, targets=y, loss_rows=rows, loss_weights=weights, positions=positions)
-            total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+            total += torch.stack([loss.float(), loss_mass(weights, rt.device)])
         if rt.ddp:
             dist.all_reduce(total)
         losses[name] = (total[0] / total[1]).item()
     model.train()
     return losses
+
+
+def loss_mass(weights, device, share=1.0):
+    """What a batch's loss weights sum to (a mean loss's: 1), times its share of its batch: its loss
+    over this is its mean loss per unit of weight."""
+    return weights.sum() * share if weights is not None else torch.full((), share, device=device)
 
 
 def check_out_dir(cfg, names=("ckpt.pt", "metrics.jsonl")):
@@ -446,8 +453,9 @@ class Run:
 
     def _accumulate(self, micro):
         """Forward and backward of every micro-batch (in plan.pieces pieces each); under DDP only the
-        last backward all-reduces. Returns the last micro-batch's loss."""
-        last, total = len(micro) - 1, None
+        last backward all-reduces. Returns the last micro-batch's mean loss: its loss over its loss
+        weights' sum (finetuning's weights sum to about 1, not exactly: data.FinetuneMixture)."""
+        last, total, mass = len(micro) - 1, None, 0.0
         for k, batch in enumerate(micro):
             pieces = split_rows(batch, self.plan.pieces) if self.plan.pieces > 1 else [(batch, 1.0)]
             for j, ((x, y, rows, weights, positions), share) in enumerate(pieces):
@@ -460,7 +468,8 @@ class Run:
                     self.scaler.scale(loss / self.micro_steps).backward()
                 if k == last:
                     total = loss if total is None else total + loss
-        return total
+                    mass = mass + loss_mass(weights, x.device, share)
+        return total / mass
 
     def _more_pieces(self):
         """After running out of memory: drop the partial gradients and run each micro-batch in twice the
