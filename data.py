@@ -112,7 +112,7 @@ class FinetuneMixture:
                 placed.append((row, filled, task, i))
                 filled += n
 
-    def calibrate(self, examples=20000, rounds=3):
+    def calibrate(self, examples=20000, max_batches=2000, rounds=3):
         """(drawing probabilities, {"examples", "targets": their number per batch on average}).
         Under the probabilities the examples that make it into batches follow the weights: the draw
         that ends a batch is not used and is more often a long one, so long tasks are drawn a little
@@ -123,18 +123,18 @@ class FinetuneMixture:
         (the counts' own noise never enters p: only the means E[N] and q do)."""
         probs = self.weights.copy()
         for _ in range(rounds if len(probs) > 1 else 0):
-            draws, last, _, _ = self.draw_statistics(probs, examples)
+            draws, last, _, _ = self.draw_statistics(probs, examples, max_batches)
             probs = ((draws - 1) * self.weights + last) / draws  # sums to 1: last does
-        _, _, examples_per_batch, targets_per_batch = self.draw_statistics(probs, examples)
+        _, _, examples_per_batch, targets_per_batch = self.draw_statistics(probs, examples, max_batches)
         return probs, {"examples": examples_per_batch, "targets": targets_per_batch}
 
-    def draw_statistics(self, probs, examples):
+    def draw_statistics(self, probs, examples, max_batches):
         """Per batch on average, at drawing probabilities probs, over fixed draws of about `examples`
-        examples: draws taken (the unused last one included), the tasks of the last draw (shares),
-        examples held and their target tokens."""
+        examples (in at most max_batches batches): draws taken (the unused last one included), the
+        tasks of the last draw (shares), examples held and their target tokens."""
         rng, batches, draws, held, targets = batch_rng(self.seed, 7919), 0, 0, 0, 0
         last = np.zeros(len(probs))
-        while held < examples:
+        while held < examples and batches < max_batches:
             placed, stop = self.layout(rng, probs)
             batches, draws, held = batches + 1, draws + len(placed) + 1, held + len(placed)
             last[stop] += 1
