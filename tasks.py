@@ -96,6 +96,11 @@ class Task:
     def example_id(self, row):
         return str(row[self.id_field])
 
+    def holdout_key(self, row):
+        """The text that ties examples together (an article, a SQuAD passage, a sentence): a slice
+        held out of a split takes all the examples of a text or none, so none of its texts is trained on."""
+        return self.inputs(row)[0]
+
     def training_target(self, row):
         """The text the model learns to write after the separator (TARGET_PREFIX is added)."""
         return self.references(row)[0]
@@ -377,6 +382,9 @@ def _cut_point(enc, ids, budget):
 
 
 # ----------------------------------------------------------------------------- prepared data
+
+SELECTION_SPLIT = "select"  # prepared beside train, held out of it: finetune.py chooses model.pt on it
+
 
 class FinetuneSplit:
     """One prepared split, e.g. FinetuneSplit("data/finetune/squad/train"): reads <prefix>.bin

@@ -574,8 +574,8 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
           selection=lambda losses: sum(losses.values()) / len(losses), describe=None):
     """Run cfg.max_iters optimizer steps. make_sources(batch_size) -> (train source, {name: eval
     source}) for the micro-batch the plan settles on; describe(train source) -> (lines to print,
-    fields for the checkpoints), e.g. finetuning's task mix. The selection of the evaluation losses
-    picks the best checkpoint. Returns the final evaluation losses."""
+    fields for the checkpoints and the log's plan record), e.g. finetuning's task mix. The selection
+    of the evaluation losses picks the best checkpoint. Returns the final evaluation losses."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     budget = TimeBudget(cfg, clock)  # --max_minutes counts from here
     if budget.decide_at:  # until the budget sets it, train at least as far as the measurement
@@ -589,6 +589,7 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
         return {}
     run.decide_batches(make_sources)
     train_source, eval_sources = make_sources(run.plan.micro_batch)
+    fields = {}
     if describe:
         lines, fields = describe(train_source)
         run.extra.update(fields)
@@ -603,7 +604,7 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
             print(f"{loss_fraction:.1%} of batch tokens carry loss (only they go through the output layer)")
         print(f"{rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}")
         print(figures_line(figures), flush=True)
-        log.write(type="plan", iter=run.iter, time=log.elapsed(), **figures, batch_tries=run.plan.tries)
+        log.write(type="plan", iter=run.iter, time=log.elapsed(), **figures, batch_tries=run.plan.tries, **fields)
     batches, stop, losses = Prefetcher(train_source, rt.device, run.batch_keys()), StopFlag(), {}
     try:
         while run.iter < cfg.max_iters:

@@ -1,7 +1,9 @@
-"""Finetuning: the task mix follows its weights, loss falls only on targets, every task's
-validation loss falls on real data, and a stopped finetune resumes exactly."""
+"""Finetuning: the task mix and the loss follow their weights, loss falls only on targets, model.pt
+is chosen on a slice held out of train (never a reported split), every task's held-out loss falls
+on real data, and a stopped finetune resumes exactly."""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 import finetune
 import prepare_finetune
 import tasks
-from common import EOT, UserError
+from common import EOT, UserError, get_tokenizer
 from data import FinetuneMixture, loss_mask
 from model import GPT, GPTConfig
 
@@ -147,11 +149,51 @@ def test_unknown_task_weight_is_a_clear_error():
     assert finetune.task_weights(cfg, ["squad", "sst2"], {"squad": 1000, "sst2": 40}) == {"squad": 100, "sst2": 40}
 
 
+def test_selection_slice_is_whole_texts_held_out_of_train_and_the_same_in_any_row_order(shared_data, tmp_path):
+    prepare_finetune.main(["--data-root", str(shared_data), "--out-dir", str(tmp_path), "--splits", "train",
+                           "--block-size", str(BLOCK), "--limit", "300", "--num-proc", "1"])
+    args = prepare_finetune.parse_args(["--data-root", str(shared_data), "--limit", "300"])
+    for task in tasks.task_list("all"):
+        rows = task.load_rows("train", str(shared_data), limit=300)
+        train, select, record = prepare_finetune.hold_out(task, rows, *prepare_finetune.reported_keys(task, args))
+        meta = json.loads((tmp_path / task.name / "meta.json").read_text())
+        assert meta["selection"] == record and record["reported_splits"] == list(task.eval_splits)
+        assert meta["splits"]["train"]["examples"] == len(train) and meta["splits"]["select"]["examples"] == len(select)
+        assert len(train) + len(select) == 300 and len(select) >= 15  # 5% of the rows, whole texts
+        ids = lambda part: {task.example_id(r) for r in part}  # noqa: E731
+        keys = lambda part: {task.holdout_key(r) for r in part}  # noqa: E731
+        assert not ids(train) & ids(select) and not keys(train) & keys(select)  # no text on both sides
+        for split in task.eval_splits:  # nor in any split that is reported, whole
+            if split not in task.unlabelled_splits:
+                assert not keys(select) & keys(task.load_rows(split, str(shared_data)))
+        prepared = tasks.FinetuneSplit(str(tmp_path / task.name / "select"))
+        first, prompt_len = prepared.example(0)
+        assert first[:prompt_len].tolist() == task.prompt(select[0], get_tokenizer(), BLOCK).ids
+        shuffled = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+        again = prepare_finetune.hold_out(task, shuffled, *prepare_finetune.reported_keys(task, args))
+        assert [task.example_id(r) for r in again[1]] == [task.example_id(r) for r in select] and again[2] == record
+    squad = tasks.get_task("squad")
+    assert len({squad.holdout_key(r) for r in squad.load_rows("train", str(shared_data), limit=300)}) < 100
+
+
+def test_selection_slice_never_takes_a_text_of_a_reported_split(shared_data):
+    sst2 = tasks.get_task("sst2")
+    rows = sst2.load_rows("train", str(shared_data), limit=400)
+    free = {sst2.holdout_key(r) for r in rows[:30]}  # the only texts not also in a reported split
+    reported = {sst2.holdout_key(r) for r in rows} - free
+    train, select, record = prepare_finetune.hold_out(sst2, rows, reported, ["validation"])
+    assert {sst2.holdout_key(r) for r in select} <= free and len(select) == 20  # 5% of 400
+    assert record["reported_texts_skipped"] == len(reported)
+    with pytest.raises(UserError, match="too few to hold out a selection slice"):
+        prepare_finetune.hold_out(sst2, rows[:1], set(), ["validation"])
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, shared_data):
-    """Real prepared task data (40 rows per split) and a randomly initialised tiny model."""
+    """Real prepared task data (40 train rows: no reported split is prepared, none is needed) and a
+    randomly initialised tiny model."""
     root = tmp_path_factory.mktemp("ft")
-    prepare_finetune.main(["--data-root", str(shared_data), "--out-dir", str(root / "tasks"),
+    prepare_finetune.main(["--data-root", str(shared_data), "--out-dir", str(root / "tasks"), "--splits", "train",
                            "--block-size", str(BLOCK), "--limit", "40", "--num-proc", "1"])
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=BLOCK, n_layer=1, n_head=2, n_embd=32))
@@ -169,15 +211,39 @@ def evals(out_dir):
         return [r for r in map(json.loads, f) if r["type"] == "eval"]
 
 
-def test_short_finetune_on_real_data_lowers_every_task_loss(workspace):
+def test_short_finetune_on_real_data_lowers_every_task_loss_reading_only_train_and_select(workspace, monkeypatch):
+    opened = []
+
+    class Spy(tasks.FinetuneSplit):
+        def __init__(self, prefix):
+            opened.append(os.path.relpath(prefix, workspace / "tasks"))
+            super().__init__(prefix)
+    monkeypatch.setattr(tasks, "FinetuneSplit", Spy)
     finetune.main(args(workspace, "run", "--max_iters=30", "--eval_interval=30", "--learning_rate=3e-3"))
+    names = ("cnn_dailymail", "squad", "sst2")
+    assert sorted(opened) == sorted(f"{n}/{s}" for n in names for s in ("train", "select"))
     first, last = evals(workspace / "run")[0], evals(workspace / "run")[-1]
-    for task in ("cnn_dailymail", "squad", "sst2"):
+    for task in names:
         assert last[f"val/{task}"] < first[f"val/{task}"] - 0.5, (task, first, last)
     model = torch.load(workspace / "run" / "model.pt", weights_only=False)
-    assert model["tasks_version"] == 1 and model["val_losses"].keys() == {"cnn_dailymail", "squad", "sst2"}
+    assert model["tasks_version"] == 1 and model["val_losses"].keys() == set(names)
     assert model["data_block_size"] == BLOCK  # evaluate.py builds its prompts at this size
-    assert model["realised_mix"]["examples"].keys() == {"cnn_dailymail", "squad", "sst2"}
+    assert model["realised_mix"]["examples"].keys() == set(names)
+    meta = {n: json.loads((workspace / "tasks" / n / "meta.json").read_text()) for n in names}
+    assert model["selection"] == {n: meta[n]["selection"] for n in names}  # what model.pt was chosen on
+    with open(workspace / "run" / "metrics.jsonl") as f:
+        plan = next(r for r in map(json.loads, f) if r["type"] == "plan")
+    assert plan["selection"] == model["selection"]
+
+
+def test_data_prepared_without_a_selection_split_is_a_clear_error(workspace, tmp_path):
+    shutil.copytree(workspace / "tasks", tmp_path / "tasks")
+    meta_path = tmp_path / "tasks" / "squad" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["splits"]["select"]  # as prepare_finetune.py wrote it before the selection split
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="squad/meta.json has no 'select' split; rerun prepare_finetune.py"):
+        finetune.main(args(workspace, "old", f"--finetune_dir={tmp_path}/tasks"))
 
 
 def test_stopped_finetune_resumes_exactly(workspace, monkeypatch):

@@ -92,8 +92,12 @@ def run(tmp_path):
     ft_cfg = FinetuneConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=2, max_iters=20,
                             task_weights="cnn_dailymail:2,squad:2,sst2:1", finetune_dir=str(tmp_path / "data" / "ft"))
     mix = {"batches": 40, "replay_positions": 0.1, "examples": {"cnn_dailymail": 60, "squad": 90, "sst2": 150}}
+    selection = {t: {"split": "select", "examples": 20 + i, "rule": "whole texts in blake2b order",
+                     "reported_splits": ["test", "validation"] if t == "cnn_dailymail" else ["validation"]}
+                 for i, t in enumerate(tasks)}  # as prepare_finetune.py records it (abridged)
     save_checkpoint(run / "finetune" / "model.pt", ft_cfg, iter_num=20, tasks_version=1, tasks=tasks,
-                    val_loss=2.8, val_losses={"cnn_dailymail": 2.8, "squad": 3.8, "sst2": 4.8}, realised_mix=mix)
+                    val_loss=2.8, val_losses={"cnn_dailymail": 2.8, "squad": 3.8, "sst2": 4.8}, realised_mix=mix,
+                    selection=selection)
     write_metrics(run / "finetune" / "metrics.jsonl", range(0, 21), tasks)
 
     squad = metrics.squad_scores(["Denver Broncos", "in 1990"], [["Denver Broncos"], ["1989", "in 1989"]])
@@ -151,6 +155,9 @@ def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
     assert "finetune.py --x=1" in text and "skipped" in text and "--preset smoke" in text
     assert "cnn_dailymail:2,squad:2,sst2:1" in text and "| squad | 3.0000 | 3.8000 |" not in text
     assert "| squad | 4.0000 | 3.8000 | 3.8000 |" in text  # per-task start, end and model.pt losses
+    assert "| model.pt chosen on | `select`, held out of each task's train split and never trained on " \
+           "(cnn_dailymail 20, squad 21, sst2 22 examples): whole texts in blake2b order; no text of a reported " \
+           "split (test, validation) |" in text and "Per-task selection loss" in text
     assert "| system | exact_match | f1 |\n|---|---|---|\n| **finetuned model** | 50.00 [0.00, 100.00] |" in text
     assert "| pretrained model, zero-shot (finetuning prompt) | 50.00 | 12.50 |" in text
     assert "| pretrained model, 3-shot (2.2 examples fit on average) | 50.00 | 25.00 |" in text
