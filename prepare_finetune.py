@@ -18,7 +18,8 @@ Preparing train also writes select (tasks.SELECTION_SPLIT): a slice held out of 
 finetune.py chooses model.pt on, so that no reported split (Task.eval_splits) ever steers
 training. It takes whole texts (Task.holdout_key: an article, a SQuAD passage with all its
 questions, a sentence) in the order of their blake2b hashes until it holds 5% of the train rows
-(at most 500 examples): the same slice whatever the order of the rows. Its examples are not in
+or 500 examples, whichever is fewer (the last text whole, so a few more): the same slice whatever
+the order of the rows. Its examples are not in
 train, and a text that is also in a reported split is never selected on.
 
 Every example fits: prompt_len + target_len <= block_size. tasks.FinetuneSplit(prefix) reads a
@@ -42,7 +43,7 @@ import tasks
 from common import UserError, atomic_path, check_worker, get_tokenizer, guarded_init, run_main, write_json
 
 _ENC = None
-SELECT_FRACTION, SELECT_MAX = 0.05, 500  # the selection slice: 5% of the train rows, at most 500
+SELECT_FRACTION, SELECT_MAX = 0.05, 500  # the selection slice: 5% of the train rows, or 500 if fewer
 
 
 def _init_worker():
@@ -106,7 +107,7 @@ def reported_keys(task, args):
 
 def hold_out(task, rows, reported, reported_splits):
     """(train rows, selection rows, record of the selection): whole texts in blake2b order, skipping the
-    texts of a reported split, until the slice holds SELECT_FRACTION of the rows (at most SELECT_MAX)."""
+    texts of a reported split, until the slice holds SELECT_FRACTION of the rows or SELECT_MAX if fewer."""
     groups = {}
     for row in rows:
         groups.setdefault(task.holdout_key(row), []).append(row)
@@ -124,8 +125,8 @@ def hold_out(task, rows, reported, reported_splits):
     ids = sorted(task.example_id(row) for row in select)
     return train, select, {
         "split": tasks.SELECTION_SPLIT, "from": "train", "examples": len(select), "texts": len(chosen),
-        "rule": f"whole texts (Task.holdout_key) in blake2b order until {SELECT_FRACTION:.0%} of the train rows, "
-                f"at most {SELECT_MAX}",
+        "rule": f"whole texts (Task.holdout_key) in blake2b order until {SELECT_FRACTION:.0%} of the train rows "
+                f"or {SELECT_MAX} examples are held, whichever is fewer",
         "reported_splits": reported_splits, "reported_texts_skipped": sum(key in reported for key in groups),
         "ids_blake2b": blake2b("\n".join(ids), 16)}
 

@@ -53,9 +53,10 @@ def main():
     p.add_argument("--finetune-dir", default="data/finetune_512")
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--weights", default="6887,20000,20000", help="cnn_dailymail,squad,sst2 (default: the capped sizes)")
-    p.add_argument("--examples", type=int, default=20000)
-    p.add_argument("--batches", type=int, default=300)
+    p.add_argument("--weights", default="6543,20000,20000",
+                   help="cnn_dailymail,squad,sst2 (default: the train sizes capped at mix_cap, select held out)")
+    p.add_argument("--examples", type=int, default=100000, help="packed examples per share (sd ~0.15 points)")
+    p.add_argument("--batches", type=int, default=3000, help="batches for the loss shares")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "bench", "mix.json"))
     args = p.parse_args()
     splits = {n: tasks.FinetuneSplit(os.path.join(args.finetune_dir, n, "train")) for n in NAMES}
