@@ -19,8 +19,8 @@ finetune.py chooses model.pt on, so that no reported split (Task.eval_splits) ev
 training. It takes whole texts (Task.holdout_key: an article, a SQuAD passage with all its
 questions, a sentence) in the order of their blake2b hashes until it holds 5% of the train rows
 or 500 examples, whichever is fewer (the last text whole, so a few more): the same slice whatever
-the order of the rows. Its examples are not in
-train, and a text that is also in a reported split is never selected on.
+the order of the rows. Its examples are not in train, and a text that is also in a reported split
+is never selected on (with --limit: in that split's first N rows).
 
 Every example fits: prompt_len + target_len <= block_size. tasks.FinetuneSplit(prefix) reads a
 split. Files are written atomically, meta.json last; a meta.json from an earlier run with the
