@@ -68,9 +68,13 @@ class FinetuneMixture:
     attends only to itself, as a prompt does at evaluation (the batch carries the positions).
 
     The loss is (1 - replay_fraction) * task loss + replay_fraction * replay loss. Within the
-    tasks `average="example"` gives every example in the batch the same weight, spread over its
-    target tokens, so task_weights are roughly the tasks' shares of the loss too ("token": every
-    target token weighs the same, which hands most of the loss to CNN/DM's long summaries)."""
+    tasks `average="example"` gives every example the same weight, spread over its target tokens,
+    so task_weights are the tasks' shares of the loss too ("token": every target token weighs the
+    same, which hands most of the loss to CNN/DM's long summaries). The same weight in every
+    batch, not just within one: an example weighs 1 / (the examples a batch holds on average), a
+    constant of the calibration, not 1 / (the examples this batch holds), which would give the
+    few examples of a batch of long ones more weight each. So a batch's loss weights sum to about
+    1, not exactly; its mean loss is its loss over its weights' sum."""
 
     def __init__(self, splits, weights, block_size, batch_size, seed, split_id=0,
                  replay=None, replay_fraction=0.0, average="example", isolate=True):
@@ -79,6 +83,7 @@ class FinetuneMixture:
         w = np.array([weights[n] for n in self.names], dtype=np.float64)
         self.weights = w / w.sum()
         self.lengths = [np.asarray(s.index[:, 2]) for s in self.splits]
+        self.target_lengths = [np.asarray(s.index[:, 2] - s.index[:, 1]) for s in self.splits]
         self.room = block_size + 1  # tokens per row: inputs and the last target
         self.block_size, self.batch_size, self.seed, self.split_id = block_size, batch_size, seed, split_id
         self.replay, self.replay_fraction, self.average = replay, replay_fraction if replay else 0.0, average
@@ -86,13 +91,14 @@ class FinetuneMixture:
         self.replay_len = int(round(self.replay_fraction * batch_size * self.room))
         if self.replay_len and batch_size * self.room - self.replay_len < max(map(np.min, self.lengths)):
             raise UserError(f"replay_fraction {replay_fraction} leaves no room for task examples; lower it")
-        self.probs = self.calibrated_probs()
+        self.probs, self.expected = self.calibrate()
         self.drawn = None  # a Counter: while set, batch() counts the examples it places, by task
 
     def layout(self, rng, probs):
-        """Where each drawn example goes: [(row, start, task, index)]. Examples fill the rows in
-        the order drawn, after the replay window; one that does not fit in the current row starts
-        the next row, and the first that fits in no row ends the batch (it is not used)."""
+        """Where each drawn example goes, [(row, start, task, index)], and the task of the draw that
+        ended the batch. Examples fill the rows in the order drawn, after the replay window; one
+        that does not fit in the current row starts the next row, and the first that fits in no row
+        ends the batch (it is not used)."""
         sizes = np.array([len(n) for n in self.lengths])
         row, filled = divmod(self.replay_len, self.room)
         placed = []
@@ -107,23 +113,38 @@ class FinetuneMixture:
                 if filled + n > self.room:
                     row, filled = row + 1, 0
                     if row == self.batch_size:
-                        return placed
+                        return placed, task
                 placed.append((row, filled, task, i))
                 filled += n
 
-    def calibrated_probs(self, examples=10000, rounds=4):
-        """Drawing probabilities under which the examples that make it into batches follow the
-        weights: the one drawn example that ends a batch is more often a long one, so long tasks
-        are drawn a little more often. Found on the example lengths alone, with fixed draws."""
+    def calibrate(self, examples=20000, max_batches=2000, rounds=3):
+        """(drawing probabilities, {"examples", "targets": their number per batch on average}).
+        Under the probabilities the examples that make it into batches follow the weights: the draw
+        that ends a batch is not used and is more often a long one, so long tasks are drawn a little
+        more often. By Wald's identity a batch that takes N draws holds p_k E[N] - q_k examples of
+        task k on average, q_k the chance that its last draw is task k; drawing at
+        p = ((E[N] - 1) weights + q) / E[N] makes that proportional to the weights. E[N] and q
+        depend on p, so a few rounds, each measured on the example lengths alone with fixed draws
+        (the counts' own noise never enters p: only the means E[N] and q do)."""
         probs = self.weights.copy()
         for _ in range(rounds if len(probs) > 1 else 0):
-            rng, counts = batch_rng(self.seed, 7919), np.zeros(len(probs))
-            while counts.sum() < examples:
-                counts += np.bincount([p[2] for p in self.layout(rng, probs)], minlength=len(probs))
-            share = counts / counts.sum()
-            probs = np.where(share > 0, probs * self.weights / np.maximum(share, 1e-12), probs)
-            probs /= probs.sum()
-        return probs
+            draws, last, _, _ = self.draw_statistics(probs, examples, max_batches)
+            probs = ((draws - 1) * self.weights + last) / draws  # sums to 1: last does
+        _, _, examples_per_batch, targets_per_batch = self.draw_statistics(probs, examples, max_batches)
+        return probs, {"examples": examples_per_batch, "targets": targets_per_batch}
+
+    def draw_statistics(self, probs, examples, max_batches):
+        """Per batch on average, at drawing probabilities probs, over fixed draws of about `examples`
+        examples (in at most max_batches batches): draws taken (the unused last one included), the
+        tasks of the last draw (shares), examples held and their target tokens."""
+        rng, batches, draws, held, targets = batch_rng(self.seed, 7919), 0, 0, 0, 0
+        last = np.zeros(len(probs))
+        while held < examples and batches < max_batches:
+            placed, stop = self.layout(rng, probs)
+            batches, draws, held = batches + 1, draws + len(placed) + 1, held + len(placed)
+            last[stop] += 1
+            targets += sum(int(self.target_lengths[task][i]) for _, _, task, i in placed)
+        return draws / batches, last / batches, held / batches, targets / batches
 
     def batch(self, step, micro_step):
         """(x, y, loss_rows, loss_weights, positions): positions restart at 0 in each document."""
@@ -137,7 +158,7 @@ class FinetuneMixture:
             tokens.reshape(-1)[:self.replay_len] = windows.reshape(-1)[:self.replay_len]
             replay.reshape(-1)[:self.replay_len] = True
         targets = []
-        for row, start, task, i in self.layout(rng, self.probs):
+        for row, start, task, i in self.layout(rng, self.probs)[0]:
             ex, prompt_len = self.splits[task].example(i)
             tokens[row, start:start + len(ex)] = ex
             if self.drawn is not None:
@@ -152,9 +173,9 @@ class FinetuneMixture:
         replay &= ~starts  # the first token of a piece has nothing of its document to be predicted from
         if replay.any():
             weight[replay] = self.replay_fraction / replay.sum()
-        n_targets = sum(end - begin for _, begin, end in targets)
-        for row, begin, end in targets:
-            per = 1.0 / (len(targets) * (end - begin)) if self.average == "example" else 1.0 / n_targets
+        for row, begin, end in targets:  # the expected count, not this batch's: the same weight in every batch
+            per = 1.0 / (self.expected["examples"] * (end - begin)) if self.average == "example" \
+                else 1.0 / self.expected["targets"]
             weight[row, begin:end] = (1.0 - self.replay_fraction) * per
         col = np.arange(self.room)
         positions = col - np.maximum.accumulate(np.where(starts, col, 0), axis=1)
@@ -191,14 +212,15 @@ LOSS_BUCKET = 256  # loss indices are padded to a multiple of this: a compiled m
 
 
 def loss_positions(weight, bucket=LOSS_BUCKET):
-    """(flat indices, weights) of a (B, T) array of loss weights (or a boolean mask: every masked
-    position weighs 1/count, so the weighted sum is the mean loss). The index is padded
-    (position 0, weight 0) to a multiple of `bucket`, so a compiled model sees few distinct shapes."""
-    weight = np.asarray(weight, dtype=np.float64).reshape(-1)
+    """(flat indices, weights) of a (B, T) array of loss weights, kept as they are (or a boolean
+    mask: every masked position weighs 1/count, so the weighted sum is the mean loss). The index is
+    padded (position 0, weight 0) to a multiple of `bucket`, so a compiled model sees few shapes."""
+    weight = np.asarray(weight)
+    weight = (weight / max(weight.sum(), 1) if weight.dtype == bool else weight.astype(np.float64)).reshape(-1)
     rows = np.flatnonzero(weight)
     if len(rows) == 0:
         raise UserError("a finetuning batch has no target token; check the prepared data")
-    return _padded(torch.from_numpy(rows), torch.from_numpy(weight[rows] / weight[rows].sum()).float(), bucket)
+    return _padded(torch.from_numpy(rows), torch.from_numpy(weight[rows]).float(), bucket)
 
 
 def _padded(index, weights, bucket=LOSS_BUCKET):

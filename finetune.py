@@ -6,8 +6,10 @@ share of pretraining text, with the loss on target tokens only. Same loop as pre
     python finetune.py config/finetune_cpu.py --init_from=gpt2   # OpenAI's GPT-2 (or a local HF folder)
     torchrun --standalone --nproc_per_node=8 finetune.py config/finetune_gpu.py
 
-Writes out_dir/model.pt (the best model by mean per-task validation loss: the deliverable),
-out_dir/ckpt.pt (the last state, for --resume) and out_dir/metrics.jsonl.
+Writes out_dir/model.pt (the best model by mean per-task loss on the selection split, a slice that
+prepare_finetune.py held out of each task's train split: the deliverable), out_dir/ckpt.pt (the
+last state, for --resume) and out_dir/metrics.jsonl. Training reads only the train and select
+splits: a split that is reported (validation, test) never steers it.
 """
 import collections
 import json
@@ -54,8 +56,9 @@ def given_weights(cfg, names):
 
 
 def open_task_splits(cfg, names, split):
-    """{task: FinetuneSplit} and the block size the data was prepared for (one for all tasks)."""
-    splits, block_sizes = {}, {}
+    """{task: FinetuneSplit}, the block size the data was prepared for (one for all tasks) and
+    {task: its meta.json}."""
+    splits, block_sizes, metas = {}, {}, {}
     for name in names:
         meta_path = os.path.join(cfg.finetune_dir, name, "meta.json")
         if not os.path.isfile(meta_path):
@@ -69,14 +72,18 @@ def open_task_splits(cfg, names, split):
         if meta["block_size"] > cfg.block_size:
             raise UserError(f"{meta_path} was prepared for block_size {meta['block_size']} but the model has "
                             f"{cfg.block_size}; rerun prepare_finetune.py --block-size {cfg.block_size}")
-        block_sizes[name] = meta["block_size"]
+        if split not in meta["splits"]:
+            raise UserError(f"{meta_path} has no {split!r} split; rerun prepare_finetune.py --block-size "
+                            f"{meta['block_size']} (it writes train and select, the slice held out of train that "
+                            f"model.pt is chosen on)")
+        block_sizes[name], metas[name] = meta["block_size"], meta
         splits[name] = tasks.FinetuneSplit(os.path.join(cfg.finetune_dir, name, split))
         if not len(splits[name]):
             raise UserError(f"{cfg.finetune_dir}/{name}/{split} has no examples")
     if len(set(block_sizes.values())) > 1:
         raise UserError(f"the tasks in {cfg.finetune_dir} were prepared for different block sizes {block_sizes}; "
                         f"rerun prepare_finetune.py with one --block-size for all of them")
-    return splits, block_sizes[names[0]]
+    return splits, block_sizes[names[0]], metas
 
 
 def realised_mix(source, min_examples=2000, max_batches=1000):
@@ -109,8 +116,9 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     model = pretrained_model(cfg)
 
-    (train_splits, data_block_size), (val_splits, _) = (open_task_splits(cfg, names, split)
-                                                        for split in ("train", "validation"))
+    train_splits, data_block_size, metas = open_task_splits(cfg, names, "train")
+    select_splits = open_task_splits(cfg, names, tasks.SELECTION_SPLIT)[0]
+    selection = {n: metas[n]["selection"] for n in names}
     weights = task_weights(cfg, names, {n: len(s) for n, s in train_splits.items()})
 
     def sources(batch_size):  # the trainer settles the micro-batch (batch_size=auto fits it to memory)
@@ -120,9 +128,9 @@ def main(argv=None):
         train_source = FinetuneMixture(train_splits, weights, cfg.block_size, batch_size, cfg.seed,
                                        replay=replay, replay_fraction=cfg.replay_fraction, average=cfg.task_average,
                                        isolate=cfg.isolate_examples)
-        # validation loss per target token: comparable across objectives and with evaluate.py
+        # loss per target token on the held-out slice of train: comparable across objectives
         eval_sources = {n: FinetuneMixture({n: s}, {n: 1.0}, cfg.block_size, batch_size, cfg.seed, split_id=1,
-                                           average="token") for n, s in val_splits.items()}
+                                           average="token") for n, s in select_splits.items()}
         return train_source, eval_sources
 
     def describe(train_source):
@@ -131,8 +139,10 @@ def main(argv=None):
         lines = ["task mix: " + ", ".join(f"{n} {w / total:.1%}" for n, w in weights.items()) +
                  f"; replay text {cfg.replay_fraction:.0%} of positions and of the loss",
                  f"realised in the first {mix['batches']} batches: " + ", ".join(
-                     f"{n} {c / max(drawn, 1):.1%}" for n, c in mix["examples"].items()) + " of examples"]
-        return lines, {"realised_mix": mix}
+                     f"{n} {c / max(drawn, 1):.1%}" for n, c in mix["examples"].items()) + " of examples",
+                 "model.pt is chosen on the selection split, held out of train: " + ", ".join(
+                     f"{n} {s['examples']:,} examples" for n, s in selection.items())]
+        return lines, {"realised_mix": mix, "selection": selection}
     if cfg.replay_fraction > 0:  # missing replay text fails now, before anything is trained
         TokenWindows(os.path.join(cfg.data_dir, "train.bin"), cfg.block_size, 1, cfg.seed)
     # evaluate.py builds its prompts at the data's block size, byte for byte those of finetuning

@@ -135,7 +135,7 @@ def build_steps(cfg, data_root):
         Step("prepare_finetune", python_cmd("prepare_finetune.py", cfg) + [
              f"--block-size={block_size}", f"--out-dir={ft_data}"]
              + ([f"--limit={cfg.finetune_limit}"] if cfg.finetune_limit else []) + root,
-             [in_repo("tasks.py")], task_meta),
+             [in_repo("tasks.py"), in_repo("prepare_finetune.py")], task_meta),
         Step("finetune", python_cmd("finetune.py", cfg) + finetune_argv, [pre_ckpt] + task_meta, [model_pt],
              resumable_dir=f"{out}/finetune", settings=resolved(FinetuneConfig, finetune_argv)),
         Step("evaluate", python_cmd("evaluate.py", cfg) + ["--task=all", f"--ckpt={model_pt}",

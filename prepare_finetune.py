@@ -11,7 +11,16 @@ Prompts and targets come from tasks.py (the same code evaluate.py uses). For eac
                                       [offset of its first token in .bin, prompt_len, length]
                                       (length = prompt_len + target_len; the loss goes on
                                       tokens[prompt_len:length], i.e. target + EOT)
-    <out-dir>/<task>/meta.json        tasks_version, block_size, tokenizer and per-split figures
+    <out-dir>/<task>/meta.json        tasks_version, block_size, tokenizer, per-split figures and
+                                      how the selection slice was chosen
+
+Preparing train also writes select (tasks.SELECTION_SPLIT): a slice held out of train, which
+finetune.py chooses model.pt on, so that no reported split (Task.eval_splits) ever steers
+training. It takes whole texts (Task.holdout_key: an article, a SQuAD passage with all its
+questions, a sentence) in the order of their blake2b hashes until it holds 5% of the train rows
+or 500 examples, whichever is fewer (the last text whole, so a few more): the same slice whatever
+the order of the rows. Its examples are not in train, and a text that is also in a reported split
+is never selected on (with --limit: in that split's first N rows).
 
 Every example fits: prompt_len + target_len <= block_size. tasks.FinetuneSplit(prefix) reads a
 split. Files are written atomically, meta.json last; a meta.json from an earlier run with the
@@ -21,6 +30,7 @@ process pool (imap keeps the order), so the output is the same for any --num-pro
 splits a task does not have are skipped with a note.
 """
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -33,6 +43,7 @@ import tasks
 from common import UserError, atomic_path, check_worker, get_tokenizer, guarded_init, run_main, write_json
 
 _ENC = None
+SELECT_FRACTION, SELECT_MAX = 0.05, 500  # the selection slice: 5% of the train rows, or 500 if fewer
 
 
 def _init_worker():
@@ -73,6 +84,51 @@ def check_rows(task, rows, source):
             raise UserError(f"{task.name}: {source} row {i + 1}: {e}")
         except (AttributeError, TypeError, KeyError, IndexError) as e:
             raise UserError(f"{task.name}: {source} row {i + 1} is malformed ({type(e).__name__}: {e}); fix the data")
+
+
+def blake2b(text, size=8):
+    return hashlib.blake2b(text.encode(), digest_size=size).hexdigest()
+
+
+def reported_keys(task, args):
+    """The holdout keys of the texts in every split a task is scored on, and those splits' names."""
+    keys, names = set(), []
+    for split in task.eval_splits:
+        if split in task.unlabelled_splits:
+            continue
+        if args.data_root and task.local_file(split, args.data_root) is None:
+            print(f"note: {task.name} has no {split!r} file under {args.data_root}; the selection slice is not "
+                  f"checked against it")
+            continue
+        keys.update(task.holdout_key(row) for row in task.load_rows(split, args.data_root, args.limit))
+        names.append(split)
+    return keys, names
+
+
+def hold_out(task, rows, reported, reported_splits):
+    """(train rows, selection rows, record of the selection): whole texts in blake2b order, skipping the
+    texts of a reported split, until the slice holds SELECT_FRACTION of the rows or SELECT_MAX if fewer."""
+    groups = {}
+    for row in rows:
+        groups.setdefault(task.holdout_key(row), []).append(row)
+    want = min(SELECT_MAX, max(1, round(SELECT_FRACTION * len(rows))))
+    chosen, select = set(), []
+    for _, key in sorted((blake2b(key), key) for key in groups if key not in reported):
+        if len(select) >= want:
+            break
+        chosen.add(key)
+        select += sorted(groups[key], key=task.example_id)  # an order of its own, not the rows'
+    train = [row for row in rows if task.holdout_key(row) not in chosen]
+    if not select or not train:
+        raise UserError(f"{task.name}: {len(rows)} train rows are too few to hold out a selection slice and still "
+                        f"train on the rest; raise --limit")
+    ids = sorted(task.example_id(row) for row in select)
+    return train, select, {
+        "split": tasks.SELECTION_SPLIT, "from": "train", "examples": len(select), "texts": len(chosen),
+        "rule": f"whole texts (Task.holdout_key) in blake2b order until {SELECT_FRACTION:.0%} of the train rows "
+                f"or {SELECT_MAX} examples are held, whichever is fewer",
+        "reported_splits": reported_splits, "reported_texts_skipped": sum(key in reported for key in groups),
+        "ids_blake2b": blake2b("\n".join(ids), 16)}
 
 
 def prepare_split(task, split, rows, args, pool):
@@ -137,7 +193,7 @@ def main(argv=None):
         _init_worker()
     try:
         for task in task_list:
-            stats = {}
+            stats, selection = {}, None
             for split in split_names:
                 if split not in task.splits:
                     print(f"note: {task.name} has no {split!r} split (it has {', '.join(task.splits)}); skipped")
@@ -147,13 +203,18 @@ def main(argv=None):
                     continue
                 rows = task.load_rows(split, args.data_root, args.limit)
                 check_rows(task, rows, task.source_name(split, args.data_root))
-                stats[split] = prepare_split(task, split, rows, args, pool)
-                s = stats[split]
-                print(f"{task.name}/{split}: {s['examples']:,} examples, {s['tokens']:,} tokens "
-                      f"({s['target_fraction']:.1%} target), {s['inputs_cut']:,} inputs cut, "
-                      f"{s['targets_cut']:,} targets cut")
+                parts = {split: rows}
+                if split == "train":
+                    parts["train"], parts[tasks.SELECTION_SPLIT], selection = hold_out(
+                        task, rows, *reported_keys(task, args))
+                for name, part in parts.items():
+                    stats[name] = prepare_split(task, name, part, args, pool)
+                    s = stats[name]
+                    print(f"{task.name}/{name}: {s['examples']:,} examples, {s['tokens']:,} tokens "
+                          f"({s['target_fraction']:.1%} target), {s['inputs_cut']:,} inputs cut, "
+                          f"{s['targets_cut']:,} targets cut")
             if stats:
-                write_meta(task, stats, args)
+                write_meta(task, stats, selection, args)
     finally:
         if pool is not None:
             pool.close()
@@ -161,7 +222,7 @@ def main(argv=None):
     print(f"done in {time.time() - start:.1f}s; wrote {args.out_dir}")
 
 
-def write_meta(task, stats, args):
+def write_meta(task, stats, selection, args):
     path = os.path.join(args.out_dir, task.name, "meta.json")
     meta = {
         "task": task.name,
@@ -174,12 +235,14 @@ def write_meta(task, stats, args):
         "source": args.data_root or task.hub_path,
         "limit": args.limit,
         "splits": {},
+        "selection": selection,  # how select was held out of train (None: train not prepared yet)
     }
     try:
         with open(path) as f:
             old = json.load(f)
         if all(old.get(k) == meta[k] for k in ("tasks_version", "block_size", "tokenizer", "limit")):
             meta["splits"].update(old.get("splits", {}))
+            meta["selection"] = selection or old.get("selection")
     except (OSError, ValueError):
         pass
     meta["splits"].update(stats)

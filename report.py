@@ -59,7 +59,7 @@ def summarize_checkpoint(path):
     mc = ckpt["model_config"]
     shapes = {k: v.numel() for k, v in ckpt["model"].items()}
     info = {k: ckpt.get(k) for k in ("model_config", "config", "iter_num", "best_val_loss", "val_loss",
-                                     "val_losses", "tasks_version", "tasks", "realised_mix")}
+                                     "val_losses", "tasks_version", "tasks", "realised_mix", "selection")}
     del ckpt
     if mc.get("tie_embeddings", True):
         shapes.pop("lm_head.weight", None)  # the same tensor as wte.weight
@@ -158,15 +158,20 @@ def training_record(name, ckpt, train, evals, plans=(), finetune=False):
         rows += [("median throughput", f"{statistics.median(r['tokens_per_s'] for r in train):,.0f} tokens/s, "
                                        f"MFU {100 * statistics.median(r['mfu'] for r in train):.1f}%"),
                  ("final train loss", f"{train[-1]['loss']:.4f}")]
+    selection = (ckpt or {}).get("selection") if finetune else None
+    if selection:
+        rows.append(("model.pt chosen on", selection_line(selection)))
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
-        rows.append(("best val loss", f"{best['val_loss']:.4f} (iter {best['iter']})"))
+        rows.append((f"best {'selection' if selection else 'val'} loss",
+                     f"{best['val_loss']:.4f} (iter {best['iter']})"))
     out += table(("", ""), rows)
     if finetune and evals:
         first, last = evals[0], evals[-1]
         names = [k[4:] for k in first if k.startswith("val/")]
         best = (ckpt or {}).get("val_losses") or {}
-        out += (f"\nPer-task validation loss (target tokens only), iter {first['iter']} -> {last['iter']}"
+        out += (f"\nPer-task {'selection' if selection else 'validation'} loss (target tokens only), "
+                f"iter {first['iter']} -> {last['iter']}"
                 + (f"; model.pt is the best mean (iter {ckpt['iter_num']})" if best else "") + ":\n\n"
                 + table(("task", "start", "end") + (("model.pt",) if best else ()),
                         [(t, fmt(first["val/" + t], 4), fmt(last.get("val/" + t), 4))
@@ -174,8 +179,16 @@ def training_record(name, ckpt, train, evals, plans=(), finetune=False):
     return out
 
 
-def plot_curves(path, title, cfg, train, evals, per_task=False):
-    """Train loss (raw, light; smoothed) and validation loss against tokens seen."""
+def selection_line(selection):
+    """What finetuning chose model.pt on (prepare_finetune.py's record of each task's selection slice)."""
+    s = next(iter(selection.values()))
+    return (f"`{s['split']}`, held out of each task's train split and never trained on (" + ", ".join(
+        f"{task} {v['examples']:,}" for task, v in selection.items()) + f" examples): {s['rule']}; no text of a "
+        f"reported split ({', '.join(sorted({x for v in selection.values() for x in v['reported_splits']}))})")
+
+
+def plot_curves(path, title, cfg, train, evals, per_task=False, held_out="val"):
+    """Train loss (raw, light; smoothed) and validation (per_task: held_out) loss against tokens seen."""
     scale = tokens_per_step(cfg) if cfg else 1
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
@@ -187,7 +200,7 @@ def plot_curves(path, title, cfg, train, evals, per_task=False):
     keys = [k for k in (evals[0] if evals else {}) if k.startswith("val/")] if per_task else ["val_loss"]
     for k in keys:
         pts = [(r["iter"] * scale, r[k]) for r in evals if k in r]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=k.replace("val/", "val ") if per_task else "validation")
+        ax.plot(*zip(*pts), marker="o", ms=3, label=k.replace("val/", held_out + " ") if per_task else "validation")
     ax.set_xlabel(("tokens seen" + (" (positions, incl. padding)" if per_task else "")) if cfg else "iteration")
     ax.set_ylabel("cross-entropy loss (nats/token)")
     ax.set_title(title)
@@ -206,8 +219,8 @@ def curves(run, runs):
             out += f"{name}: not run.\n\n"
             continue
         file = f"{name}_loss.png"
-        plot_curves(os.path.join(run, file), f"{name.capitalize()} loss", (ckpt or {}).get("config"),
-                    train, evals, per_task=name == "finetune")
+        plot_curves(os.path.join(run, file), f"{name.capitalize()} loss", (ckpt or {}).get("config"), train, evals,
+                    per_task=name == "finetune", held_out="select" if (ckpt or {}).get("selection") else "val")
         out += f"![{name} loss]({file})\n\n"
     return out
 

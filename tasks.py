@@ -124,6 +124,11 @@ class Task:
                                   seed, self.stratified_by)
         return [rows[i] for i in chosen], record
 
+    def holdout_key(self, row):
+        """The text that ties examples together (an article, a SQuAD passage, a sentence): a slice
+        held out of a split takes all the examples of a text or none, so none of its texts is trained on."""
+        return self.inputs(row)[0]
+
     def training_target(self, row):
         """The text the model learns to write after the separator (TARGET_PREFIX is added)."""
         return self.references(row)[0]
@@ -446,6 +451,9 @@ def _cut_point(enc, ids, budget):
 
 
 # ----------------------------------------------------------------------------- prepared data
+
+SELECTION_SPLIT = "select"  # prepared beside train, held out of it: finetune.py chooses model.pt on it
+
 
 class FinetuneSplit:
     """One prepared split, e.g. FinetuneSplit("data/finetune/squad/train"): reads <prefix>.bin

@@ -32,7 +32,7 @@ from data import Prefetcher, loss_token_fraction, row_range, split_rows, to_devi
 from muon import Muon
 from plan import (BatchPlan, TimeBudget, budget_line, divisors, figures_line, initial_plan, probe_line,
                   sequences_per_process, start_figures)
-from runtime import maybe_compile, peak_flops, synchronize
+from runtime import cpu_peak_flops, maybe_compile, peak_flops, synchronize
 
 clock = time.perf_counter  # every duration the loop plans with (tests run it faster)
 STOPPED_BY_SIGNAL, STOPPED_FOR_TIME = 130, 75  # exit statuses of a run that stopped early with a checkpoint
@@ -170,7 +170,8 @@ class MetricsLog:
 @torch.no_grad()
 def estimate_losses(model, eval_sources, eval_iters, rt):
     """Mean loss over eval_iters fixed batches per source (the same batches at every evaluation,
-    so successive values are comparable), split across processes. `model` is not DDP-wrapped:
+    so successive values are comparable), split across processes: the batches' losses over the
+    sum of their loss weights (a finetuning batch's need not sum to 1). `model` is not DDP-wrapped:
     a rank with no batch to score runs no collective but the final sum."""
     model.eval()
     losses = {}
@@ -180,12 +181,18 @@ def estimate_losses(model, eval_sources, eval_iters, rt):
             x, y, rows, weights, positions = (t.to(rt.device) if t is not None else None for t in source.batch(0, k))
             with rt.autocast():
                 _, loss = model(x, targets=y, loss_rows=rows, loss_weights=weights, positions=positions)
-            total += torch.stack([loss.float(), torch.ones((), device=rt.device)])
+            total += torch.stack([loss.float(), loss_mass(weights, rt.device)])
         if rt.ddp:
             dist.all_reduce(total)
         losses[name] = (total[0] / total[1]).item()
     model.train()
     return losses
+
+
+def loss_mass(weights, device, share=1.0):
+    """What a batch's loss weights sum to (a mean loss's: 1), times its share of its batch: its loss
+    over this is its mean loss per unit of weight."""
+    return weights.sum() * share if weights is not None else torch.full((), share, device=device)
 
 
 def check_out_dir(cfg, names=("ckpt.pt", "metrics.jsonl")):
@@ -490,8 +497,9 @@ class Run:
 
     def _accumulate(self, micro):
         """Forward and backward of every micro-batch (in plan.pieces pieces each); under DDP only the
-        last backward all-reduces. Returns the last micro-batch's loss."""
-        last, total = len(micro) - 1, None
+        last backward all-reduces. Returns the last micro-batch's mean loss: its loss over its loss
+        weights' sum (finetuning's weights sum to about 1, not exactly: data.FinetuneMixture)."""
+        last, total, mass = len(micro) - 1, None, 0.0
         for k, batch in enumerate(micro):
             pieces = split_rows(batch, self.plan.pieces) if self.plan.pieces > 1 else [(batch, 1.0)]
             for j, ((x, y, rows, weights, positions), share) in enumerate(pieces):
@@ -504,7 +512,8 @@ class Run:
                     self.scaler.scale(loss / self.micro_steps).backward()
                 if k == last:
                     total = loss if total is None else total + loss
-        return total
+                    mass = mass + loss_mass(weights, x.device, share)
+        return total / mass
 
     def _more_pieces(self):
         """After running out of memory: drop the partial gradients and run each micro-batch in twice the
@@ -579,12 +588,16 @@ class Run:
 
 
 class Throughput:
-    """Rate, MFU, ETA and peak memory between logged steps."""
+    """Rate, MFU, ETA and peak memory between logged steps. A CPU peak measured at the start that the
+    run then beats (MFU over 100%: other work slowed the measurement) is measured again, and taken
+    as at least the rate the run achieved; the record that does so says so (peak_flops)."""
 
     def __init__(self, cfg, model, rt, head_fraction, start_iter):
         self.tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
         self.flops_per_iter = model.flops_per_token(cfg.block_size, head_fraction) * self.tokens_per_iter
-        self.peak = peak_flops(rt.device, cfg.peak_flops) * rt.world_size
+        self.threads, self.world_size = cfg.num_threads or torch.get_num_threads(), rt.world_size
+        self.peak = peak_flops(rt.device, cfg.peak_flops, self.threads) * rt.world_size
+        self.measured_cpu = rt.device.type == "cpu" and not cfg.peak_flops
         self.device = rt.device
         self.t_last, self.last_iter = clock(), start_iter
 
@@ -592,25 +605,34 @@ class Throughput:
         now = clock()
         dt = (now - self.t_last) / max(1, it - self.last_iter)
         self.t_last, self.last_iter = now, it
-        return {"ms_per_iter": dt * 1000, "tokens_per_s": self.tokens_per_iter / dt,
-                "mfu": self.flops_per_iter / dt / self.peak if self.peak else 0.0, "eta_s": (max_iters - it) * dt,
-                "peak_mem_mib": memory.peak_mib(self.device)}
+        s = {"ms_per_iter": dt * 1000, "tokens_per_s": self.tokens_per_iter / dt,
+             "mfu": self.flops_per_iter / dt / self.peak if self.peak else 0.0, "eta_s": (max_iters - it) * dt,
+             "peak_mem_mib": memory.peak_mib(self.device)}
+        if s["mfu"] > 1 and self.measured_cpu:
+            s.update(self.refresh_peak(self.flops_per_iter / dt))
+        return s
+
+    def refresh_peak(self, achieved):
+        self.peak = max(cpu_peak_flops(self.threads) * self.world_size, achieved)
+        self.t_last = clock()  # the measurement is not training time
+        return {"mfu": achieved / self.peak, "peak_flops": self.peak}
 
 
 def log_line(it, max_iters, loss, lr, s):
     finish = time.strftime("%H:%M", time.localtime(time.time() + s["eta_s"]))
     peak = f", peak {s['peak_mem_mib'] / 1024:.1f} GiB" if s["peak_mem_mib"] else ""
+    refreshed = " (mfu >100%: CPU peak re-measured)" if "peak_flops" in s else ""
     return (f"iter {it}/{max_iters}: loss {loss:.4f}, lr {lr:.2e}, {s['ms_per_iter']:.0f} ms/iter, "
-            f"{s['tokens_per_s']:,.0f} tok/s, mfu {s['mfu'] * 100:.1f}%{peak}, eta {s['eta_s'] / 60:.1f} min "
-            f"({finish})")
+            f"{s['tokens_per_s']:,.0f} tok/s, mfu {s['mfu'] * 100:.1f}%{refreshed}{peak}, "
+            f"eta {s['eta_s'] / 60:.1f} min ({finish})")
 
 
 def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.pt",
           selection=lambda losses: sum(losses.values()) / len(losses), describe=None):
     """Run cfg.max_iters optimizer steps. make_sources(batch_size) -> (train source, {name: eval
     source}) for the micro-batch the plan settles on; describe(train source) -> (lines to print,
-    fields for the checkpoints), e.g. finetuning's task mix. The selection of the evaluation losses
-    picks the best checkpoint. Returns the final evaluation losses."""
+    fields for the checkpoints and the log's plan record), e.g. finetuning's task mix. The selection
+    of the evaluation losses picks the best checkpoint. Returns the final evaluation losses."""
     os.makedirs(cfg.out_dir, exist_ok=True)
     budget = TimeBudget(cfg, clock)  # --max_minutes counts from here
     if budget.decide_at:  # until the budget sets it, train at least as far as the measurement
@@ -624,6 +646,7 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
         return {}
     run.decide_batches(make_sources)
     train_source, eval_sources = make_sources(run.plan.micro_batch)
+    fields = {}
     if describe:
         lines, fields = describe(train_source)
         run.extra.update(fields)
@@ -639,7 +662,7 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
             print(f"{loss_fraction:.1%} of batch tokens carry loss (only they go through the output layer)")
         print(f"{rt.world_size} process(es) on {rt.device}, {str(rt.dtype).removeprefix('torch.')}")
         print(figures_line(figures), flush=True)
-        log.write(type="plan", iter=run.iter, time=log.elapsed(), **figures, batch_tries=run.plan.tries)
+        log.write(type="plan", iter=run.iter, time=log.elapsed(), **figures, batch_tries=run.plan.tries, **fields)
     batches, stop, losses = Prefetcher(train_source, rt.device, run.batch_keys()), StopFlag(), {}
     try:
         while run.iter < cfg.max_iters:

@@ -1,7 +1,8 @@
 """What finetuning batches are made of, on real prepared data: the share of the packed examples
 each task gets (drawn at the calibrated probabilities, and at the raw weights for comparison),
 the share of the task loss each task carries when the loss is averaged per example or per target
-token, and the share of positions that carry loss.
+token (each example, or target token, weighs the same in every batch: 1 / the calibration's
+expected count per micro-batch, data.FinetuneMixture), and the share of positions that carry loss.
 
     python bench/bench_mix.py --finetune-dir data/finetune_512 --block-size 512 --batch-size 4
 Writes out/bench/mix.json.
@@ -24,7 +25,7 @@ NAMES = ("cnn_dailymail", "squad", "sst2")
 def example_shares(mix, probs, examples):
     counts, k = np.zeros(len(NAMES)), 0
     while counts.sum() < examples:
-        counts += np.bincount([p[2] for p in mix.layout(batch_rng(1, k), probs)], minlength=len(NAMES))
+        counts += np.bincount([p[2] for p in mix.layout(batch_rng(1, k), probs)[0]], minlength=len(NAMES))
         k += 1
     return counts / counts.sum()
 
@@ -52,9 +53,10 @@ def main():
     p.add_argument("--finetune-dir", default="data/finetune_512")
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--weights", default="6887,20000,20000", help="cnn_dailymail,squad,sst2 (default: the capped sizes)")
-    p.add_argument("--examples", type=int, default=20000)
-    p.add_argument("--batches", type=int, default=300)
+    p.add_argument("--weights", default="6543,20000,20000",
+                   help="cnn_dailymail,squad,sst2 (default: the train sizes capped at mix_cap, select held out)")
+    p.add_argument("--examples", type=int, default=100000, help="packed examples per share (sd ~0.15 points)")
+    p.add_argument("--batches", type=int, default=3000, help="batches for the loss shares")
     p.add_argument("--out", default=os.path.join(ROOT, "out", "bench", "mix.json"))
     args = p.parse_args()
     splits = {n: tasks.FinetuneSplit(os.path.join(args.finetune_dir, n, "train")) for n in NAMES}
@@ -69,7 +71,9 @@ def main():
     print(f"{'':<34}" + "".join(f"{n:>15}" for n in NAMES))
     for key in ("weights", "examples_calibrated", "examples_raw_weights", "loss_share_example", "loss_share_token"):
         print(f"{key:<34}" + "".join(f"{v:>15.1%}" for v in result[key]))
-    print(f"positions carrying loss: {result['loss_positions']:.1%}")
+    print(f"positions carrying loss: {result['loss_positions']:.1%}; per micro-batch on average "
+          f"{mix.expected['examples']:.1f} examples, {mix.expected['targets']:.0f} target tokens")
+    result["expected_per_micro_batch"] = mix.expected
     write_json(args.out, {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in result.items()})
 
 

@@ -92,8 +92,12 @@ def run(tmp_path):
     ft_cfg = FinetuneConfig(**{k: ARCH[k] for k in ARCH if k != "vocab_size"}, batch_size=2, max_iters=20,
                             task_weights="cnn_dailymail:2,squad:2,sst2:1", finetune_dir=str(tmp_path / "data" / "ft"))
     mix = {"batches": 40, "replay_positions": 0.1, "examples": {"cnn_dailymail": 60, "squad": 90, "sst2": 150}}
+    selection = {t: {"split": "select", "examples": 20 + i, "rule": "whole texts in blake2b order",
+                     "reported_splits": ["test", "validation"] if t == "cnn_dailymail" else ["validation"]}
+                 for i, t in enumerate(tasks)}  # as prepare_finetune.py records it (abridged)
     save_checkpoint(run / "finetune" / "model.pt", ft_cfg, iter_num=20, tasks_version=1, tasks=tasks,
-                    val_loss=2.8, val_losses={"cnn_dailymail": 2.8, "squad": 3.8, "sst2": 4.8}, realised_mix=mix)
+                    val_loss=2.8, val_losses={"cnn_dailymail": 2.8, "squad": 3.8, "sst2": 4.8}, realised_mix=mix,
+                    selection=selection)
     write_metrics(run / "finetune" / "metrics.jsonl", range(0, 21), tasks)
 
     squad = metrics.squad_scores(["Denver Broncos", "in 1990"], [["Denver Broncos"], ["1989", "in 1989"]])
@@ -167,6 +171,9 @@ def test_report_has_the_runs_numbers_anchors_commands_and_curves(run):
             f"article (title) (2 of 40 strata drawn from), ids blake2b `{'ab' * 16}`") in text
     assert "top-k=2 sampling, first 3 sentences, CNN+DM test" in text and "| as published |" in text
     assert "Intervals resample 2 clusters of questions sharing a title (**finetuned model**)." in text
+    assert "| model.pt chosen on | `select`, held out of each task's train split and never trained on " \
+           "(cnn_dailymail 20, squad 21, sst2 22 examples): whole texts in blake2b order; no text of a reported " \
+           "split (test, validation) |" in text and "Per-task selection loss" in text
     assert "python finetune.py" in text and "--task_weights=cnn_dailymail:2,squad:2,sst2:1" in text
     assert "Article: word word" in text and "..." in text and "id `q1`" in text
     for name in ("pretrain_loss.png", "finetune_loss.png"):

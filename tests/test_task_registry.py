@@ -61,7 +61,8 @@ def test_a_task_registered_in_a_test_runs_through_every_stage(toy):
     prepare_finetune.main(["--tasks", "reverse", "--data-root", str(toy / "data"), "--out-dir", str(toy / "ft"),
                            "--block-size", "64", "--num-proc", "1"])
     meta = json.loads((toy / "ft" / "reverse" / "meta.json").read_text())
-    assert meta["splits"]["train"]["examples"] == 60 and meta["splits"]["validation"]["examples"] == 12
+    assert meta["splits"]["validation"]["examples"] == 12
+    assert meta["splits"]["train"]["examples"] == 57 and meta["splits"]["select"]["examples"] == 3  # 5% held out
 
     split = tasks.FinetuneSplit(str(toy / "ft" / "reverse" / "train"))
     batch = FinetuneMixture({"reverse": split}, {"reverse": 1.0}, 64, 2, seed=0).batch(0, 0)

@@ -292,3 +292,55 @@ def test_a_run_resumed_from_its_first_checkpoint_logs_each_evaluation_once(corpu
     assert load_checkpoint(str(corpus / "o" / "ckpt.pt"))["iter_num"] == 0
     train.main(args + ["--resume"])
     assert [r["iter"] for r in read_metrics(corpus / "o") if r["type"] == "eval"] == [0, 3]
+
+
+# --- MFU on CPU ----------------------------------------------------------------------------------
+
+def test_cpu_peak_is_the_best_of_repeated_timings_at_the_configured_thread_count(monkeypatch):
+    import runtime
+    seen, rates = [], iter([2e9, 5e9, 3e9, 1e9, 4e9])
+
+    def timed():
+        seen.append(torch.get_num_threads())
+        return next(rates)
+    monkeypatch.setattr(runtime, "matmul_rate", timed)
+    before = torch.get_num_threads()
+    model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    speed = trainer.Throughput(TrainConfig(block_size=32, num_threads=3), model, runtime.Runtime(torch.device("cpu")),
+                               1.0, 0)
+    assert speed.peak == 5e9 and seen == [3] * 5  # the best of five, timed at the run's threads
+    assert torch.get_num_threads() == before  # and the process keeps its own count
+
+
+def test_mfu_over_100_percent_re_measures_the_cpu_peak_at_least_as_high_as_the_run_achieved(monkeypatch):
+    import runtime
+    now, rates = [0.0], [1e9]  # the start's timings: slowed by another job
+    monkeypatch.setattr(trainer, "clock", lambda: now[0])
+    monkeypatch.setattr(runtime, "matmul_rate", lambda: rates[0])
+    model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    speed = trainer.Throughput(TrainConfig(block_size=32, num_threads=1), model, runtime.Runtime(torch.device("cpu")),
+                               1.0, 0)
+    flops = speed.flops_per_iter
+    now[0] = 10 * flops / 2e9  # 10 steps at 2e9 FLOP/s: "mfu 200%"
+    rates[0] = 4e9  # the other job has ended: the peak measured again is the CPU's own
+    first = speed.measure(10, 100)
+    assert first["peak_flops"] == 4e9 and first["mfu"] == pytest.approx(0.5)
+    assert "mfu 50.0% (mfu >100%: CPU peak re-measured)" in trainer.log_line(10, 100, 2.0, 1e-3, first)
+    now[0] += 10 * flops / 3e9
+    second = speed.measure(20, 100)
+    assert second["mfu"] == pytest.approx(0.75) and "peak_flops" not in second
+    rates[0] = 1e9  # the measurement is slowed again, yet the run went at 6e9: the peak is at least that
+    now[0] += 10 * flops / 6e9
+    third = speed.measure(30, 100)
+    assert third["peak_flops"] == pytest.approx(6e9) and third["mfu"] == pytest.approx(1.0)
+
+
+def test_no_logged_mfu_passes_100_percent_on_cpu(corpus, monkeypatch, capsys):
+    import runtime
+    monkeypatch.setattr(runtime, "matmul_rate", lambda: 1e3)  # a peak timed under heavy load: far too low
+    out = corpus / "out"
+    train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={out}", "--max_iters=8", "--eval_interval=8",
+                       "--num_threads=1"])
+    rows = [r for r in read_metrics(out) if r["type"] == "train"]
+    assert len(rows) == 8 and all(0 < r["mfu"] <= 1.0 for r in rows)
+    assert rows[0]["peak_flops"] > 1e3 and "mfu >100%: CPU peak re-measured" in capsys.readouterr().out
