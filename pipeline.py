@@ -6,7 +6,8 @@
 
 Steps: prepare_owt -> pretrain -> prepare_finetune -> finetune -> evaluate (the finetuned model)
 -> evaluate_pretrained_<K>shot (the pretrained model with --shots K, for each K of
-pretrained_shots: what pretraining alone gives) -> report. Each is
+pretrained_shots: what pretraining alone gives) -> evaluate_pretrained_gpt2 (CNN/DM by GPT-2's
+zero-shot protocol, the one its published scores used) -> report. Each is
 the ordinary script with its ordinary config, printed before it runs, so any one can be rerun
 or replaced by hand. A step is skipped when its outputs exist and its command, inputs and, for
 a training step, resolved settings (its config with every preset and default applied) are
@@ -50,6 +51,7 @@ class PipelineConfig:
     eval_limit: int = 0  # examples per task for evaluate (0: all)
     eval_args: str = ""
     pretrained_shots: str = "0,3"  # also score the pretrained model with each --shots (comma-separated; "" none)
+    gpt2_protocol: bool = True  # also score the pretrained model on CNN/DM as GPT-2's paper did (the anchor's protocol)
     nproc: int = 1  # >1 runs the training and evaluation steps under torchrun
 
 
@@ -124,6 +126,13 @@ def build_steps(cfg, data_root):
                   "--task=all", f"--ckpt={pre_ckpt}", f"--shots={k}", f"--out={out}/eval_pretrained_{k}shot"]
                   + eval_cmd, [pre_ckpt, in_repo("tasks.py"), in_repo("fewshot.py")],
                   [f"{out}/eval_pretrained_{k}shot/{m}" for m in metrics]) for k in shots]
+    if cfg.gpt2_protocol:  # like for like with the report's GPT-2 anchor: its decoding, not eval_args'
+        out_dir = f"{out}/eval_pretrained_gpt2"
+        pretrained.append(Step("evaluate_pretrained_gpt2", python_cmd("evaluate.py", cfg) + [
+            "--task=cnn_dailymail", f"--ckpt={pre_ckpt}", "--protocol=gpt2", f"--out={out_dir}"]
+            + ([f"--limit={cfg.eval_limit}"] if cfg.eval_limit else []) + root,
+            [pre_ckpt, in_repo("tasks.py"), in_repo("metrics.py")],
+            [f"{out_dir}/cnn_dailymail_{tasks.TASKS['cnn_dailymail'].eval_splits[0]}_metrics.json"]))
     return [
         Step("prepare_owt", python_cmd("prepare_owt.py", cfg) + ["--name", cfg.owt_name, "--decontaminate",
                                                                f"--val-fraction={cfg.owt_val_fraction}"]

@@ -31,7 +31,8 @@ def finished_run(tmp_path_factory, shared_data):
     result = pipeline(cwd, shared_data)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert ran_steps(result.stdout) == ["prepare_owt", "pretrain", "prepare_finetune", "finetune", "evaluate",
-                                        "evaluate_pretrained_0shot", "evaluate_pretrained_3shot", "report"]
+                                        "evaluate_pretrained_0shot", "evaluate_pretrained_3shot",
+                                        "evaluate_pretrained_gpt2", "report"]
     return cwd
 
 
@@ -44,9 +45,11 @@ def test_smoke_pipeline_produces_model_scores_and_report(finished_run):
         for shots in (0, 3):  # the pretrained model too, zero- and few-shot
             metrics = json.loads((run / f"eval_pretrained_{shots}shot" / f"{task}_{split}_metrics.json").read_text())
             assert metrics["shots"]["requested"] == shots and metrics["checkpoint_tasks_version"] is None
+    gpt2 = json.loads((run / "eval_pretrained_gpt2" / "cnn_dailymail_test_metrics.json").read_text())
+    assert gpt2["decoding"]["strategy"] == "sampling" and gpt2["decoding"]["top_k"] == 2  # the anchor's protocol
     report = (run / "REPORT.md").read_text()
     assert "| **finetuned model** |" in report and "| pretrained model, zero-shot" in report
-    assert "| pretrained model, 3-shot" in report
+    assert "| pretrained model, 3-shot" in report and "top-k=2 sampling (seed 0), up to 100 tokens, first 3 sentences" in report
     images = [part.split(")")[0] for part in report.split("](")[1:] if part.split(")")[0].endswith(".png")]
     assert images and all((run / image).is_file() for image in images)
 
