@@ -49,12 +49,13 @@ import torch.distributed as dist
 
 import subsets
 import tasks
-from checkpoint import load_checkpoint, model_from_checkpoint, newest_finetuned
+from checkpoint import load_checkpoint, model_from_checkpoint
 from corpus import documents
 from data import open_tokens
 from generation import compile_decoding, release_decoding_cache
 from runtime import compile_blocker, setup_runtime
-from scoring import PROTOCOLS, EvalSettings, evaluate_owt, evaluate_task, owt_windows
+from scoring import (PROTOCOLS, EvalSettings, default_checkpoint, evaluate_owt, evaluate_task, owt_windows,
+                     prompt_block_size, warn_if_not_finetuned_here)
 
 
 
@@ -68,36 +69,6 @@ def owt_tokens(args, enc, block_size):
         if need and len(ids) >= need:
             break
     return np.asarray(ids, dtype=np.int64), args.owt_text, "text"
-
-
-def default_checkpoint(master):
-    """The newest finetuned model.pt under out/ (the design's `evaluate.py --task squad`)."""
-    path = newest_finetuned("out")
-    if path is None:
-        raise UserError("no --ckpt given and no finetuned model.pt under out/; make one with "
-                        "`python pipeline.py --preset smoke --data-root ../shared/data`, or pass --ckpt PATH")
-    if master:
-        print(f"using {path}, the newest finetuned model.pt under out/ (--ckpt to choose another)")
-    return path
-
-
-def warn_if_not_finetuned_here(version, path, shots):
-    if version is None and shots is None:
-        print(f"warning: {path} was not finetuned on the tasks; scores will be near zero (to score a "
-              f"pretrained model, give --shots 0 for zero-shot or --shots K for few-shot)", file=sys.stderr)
-    elif version is not None and version != tasks.TASKS_VERSION:
-        print(f"warning: {path} was finetuned with tasks version {version} but this code builds version "
-              f"{tasks.TASKS_VERSION} prompts; scores may drop (re-finetune or check out the matching code)",
-              file=sys.stderr)
-
-
-def prompt_block_size(ckpt, model, path):
-    """The block size of the data the model was finetuned on: prompts are cut exactly as there."""
-    size = ckpt.get("data_block_size", model.config.block_size)
-    if size > model.config.block_size:
-        raise UserError(f"{path} says it was finetuned on data prepared for block size {size}, more than its "
-                        f"context of {model.config.block_size}: data and checkpoint disagree; re-finetune")
-    return size
 
 
 def file_sha256(path):

@@ -25,8 +25,9 @@ import torch
 import fewshot
 import tasks
 from checkpoint import load_checkpoint, model_from_checkpoint
-from evaluate import default_checkpoint, prompt_block_size, warn_if_not_finetuned_here
-from scoring import EvalSettings, answer_text, decode_prompts, decoding_settings, label_ids
+from runtime import pick_dtype
+from scoring import (EvalSettings, answer_text, decode_prompts, decoding_settings, default_checkpoint, label_ids,
+                     prompt_block_size, warn_if_not_finetuned_here)
 
 # free-form sampling's settings and their defaults; with --task they are an error, not ignored
 SAMPLING = {"prompt": "\n", "prompt_file": None, "num_samples": 1, "temperature": 0.8, "top_k": 200,
@@ -176,7 +177,9 @@ def answer_task(args, model, ckpt, enc):
     decoding = decoding_settings(task, EvalSettings(max_new_tokens=args.max_new_tokens))
     labels = label_ids(task, enc)
     printer = TokenPrinter(enc, decoding["stop_tokens"], "ignore", strip=True) if args.stream and not labels else None
-    output = decode_prompts(model, [prompt], decoding, labels, on_token=printer)[0]
+    dtype = pick_dtype("auto", torch.device(args.device))  # evaluate.py's autocast: the same near-ties
+    with torch.autocast(torch.device(args.device).type, dtype=dtype, enabled=dtype != torch.float32):
+        output = decode_prompts(model, [prompt], decoding, labels, on_token=printer)[0]
     if printer:
         printer.close()
     else:

@@ -30,6 +30,7 @@ import memory
 import metrics
 import subsets
 import tasks
+from checkpoint import newest_finetuned
 from common import EOT, UserError
 from generation import (batched_beam_search, constrained_span_decode, decode_text, label_logprobs,
                         release_decoding_cache)
@@ -337,3 +338,35 @@ def evaluate_owt(model, tokens, limit=None, autocast=nullcontext, rank=0, world_
             "sample": subsets.describe(all_windows, windows, windows, seed, None),
             "wall_time_s": round(elapsed, 3), "tokens_per_s": round(len(windows) * T / elapsed, 1),
             "processes": world_size}
+
+
+# ---- which checkpoint, and how its prompts are cut (evaluate.py and sample.py) ----------------
+
+def default_checkpoint(master):
+    """The newest finetuned model.pt under out/ (the design's `evaluate.py --task squad`)."""
+    path = newest_finetuned("out")
+    if path is None:
+        raise UserError("no --ckpt given and no finetuned model.pt under out/; make one with "
+                        "`python pipeline.py --preset smoke --data-root ../shared/data`, or pass --ckpt PATH")
+    if master:
+        print(f"using {path}, the newest finetuned model.pt under out/ (--ckpt to choose another)")
+    return path
+
+
+def warn_if_not_finetuned_here(version, path, shots):
+    if version is None and shots is None:
+        print(f"warning: {path} was not finetuned on the tasks; scores will be near zero (to score a "
+              f"pretrained model, give --shots 0 for zero-shot or --shots K for few-shot)", file=sys.stderr)
+    elif version is not None and version != tasks.TASKS_VERSION:
+        print(f"warning: {path} was finetuned with tasks version {version} but this code builds version "
+              f"{tasks.TASKS_VERSION} prompts; scores may drop (re-finetune or check out the matching code)",
+              file=sys.stderr)
+
+
+def prompt_block_size(ckpt, model, path):
+    """The block size of the data the model was finetuned on: prompts are cut exactly as there."""
+    size = ckpt.get("data_block_size", model.config.block_size)
+    if size > model.config.block_size:
+        raise UserError(f"{path} says it was finetuned on data prepared for block size {size}, more than its "
+                        f"context of {model.config.block_size}: data and checkpoint disagree; re-finetune")
+    return size

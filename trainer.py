@@ -120,18 +120,28 @@ class StopFlag:
         return code > 0
 
 
-def wandb_run(cfg):
-    """A Weights & Biases run for MetricsLog to send its records to, or None (wandb_log=false):
-    wandb is imported only when asked for. It writes its files under out_dir/wandb; WANDB_MODE=offline
-    keeps them there (`wandb sync` uploads them later). A resumed run is a new W&B run."""
+def wandb_module(cfg):
+    """The wandb module when wandb_log is on, else None: imported only when asked for, and checked
+    by every process before any collective, so a missing package stops them all alike."""
     if not cfg.wandb_log:
         return None
     try:
         import wandb
     except ImportError:
         raise UserError("wandb_log=true needs the wandb package: pip install wandb (or leave wandb_log off)") from None
+    return wandb
+
+
+def wandb_run(cfg, wandb):
+    """A Weights & Biases run for MetricsLog to send its records to, or None (wandb: None). It
+    writes its files under out_dir/wandb; WANDB_MODE=offline keeps them there (`wandb sync` uploads
+    them later). A resumed run is a new W&B run. Charts are drawn against the records' `iter`."""
+    if wandb is None:
+        return None
     name = cfg.wandb_run_name or os.path.basename(os.path.normpath(cfg.out_dir))
-    return wandb.init(project=cfg.wandb_project, name=name, config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+    run = wandb.init(project=cfg.wandb_project, name=name, config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+    run.define_metric("*", step_metric="iter")
+    return run
 
 
 class MetricsLog:
@@ -634,6 +644,7 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
     fields for the checkpoints and the log's plan record), e.g. finetuning's task mix. The selection
     of the evaluation losses picks the best checkpoint. Returns the final evaluation losses."""
     os.makedirs(cfg.out_dir, exist_ok=True)
+    wandb = wandb_module(cfg)
     budget = TimeBudget(cfg, clock)  # --max_minutes counts from here
     if budget.decide_at:  # until the budget sets it, train at least as far as the measurement
         cfg.max_iters = max(cfg.max_iters, budget.decide_at)
@@ -653,7 +664,7 @@ def train(cfg, model, make_sources, rt, checkpoint_extra=None, best_name="best.p
         if rt.master:
             print("\n".join(lines))
     log = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), run.iter if cfg.resume else None,
-                     wandb_run(cfg)) if rt.master else None
+                     wandb_run(cfg, wandb)) if rt.master else None
     loss_fraction = loss_token_fraction(train_source)
     speed = Throughput(cfg, run.raw_model, rt, loss_fraction, run.iter)
     figures = start_figures(run.raw_model, run.optimizers, cfg, run.plan, speed.flops_per_iter, rt.world_size)

@@ -26,7 +26,10 @@ def tiny_run(corpus, *extra):
 
 class FakeRun:
     def __init__(self, **settings):
-        self.settings, self.logged, self.finished = settings, [], 0
+        self.settings, self.logged, self.finished, self.metrics = settings, [], 0, {}
+
+    def define_metric(self, name, step_metric):
+        self.metrics[name] = step_metric
 
     def log(self, record):
         self.logged.append(json.loads(json.dumps(record)))  # as sent: a later change to the dict would not count
@@ -49,7 +52,7 @@ def test_every_metrics_record_goes_to_wandb_as_it_is(corpus, fake_wandb):
     (run,) = fake_wandb
     assert run.logged == records(out)  # the same records, keys and values, in the same order
     assert {r["type"] for r in run.logged} >= {"plan", "train", "eval"}
-    assert run.finished == 1
+    assert run.finished == 1 and run.metrics == {"*": "iter"}  # charted against the step, not the call count
     assert run.settings["project"] == "course" and run.settings["name"] == "run"  # out_dir's name by default
     assert run.settings["dir"] == str(out) and run.settings["config"]["max_iters"] == 4
 
