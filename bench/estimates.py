@@ -51,7 +51,7 @@ from common import UserError, run_main  # noqa: E402
 from config import FinetuneConfig, TrainConfig, parse_config  # noqa: E402
 from memory import MARGIN  # noqa: E402
 from plan import configured_tokens_per_step  # noqa: E402
-from scoring import MAX_BATCH_ROWS  # noqa: E402
+from scoring import GPT2_SUMMARY, MAX_BATCH_ROWS  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from runtime import GPUS, cuda_plan, native_bf16  # noqa: E402
 
@@ -261,11 +261,13 @@ def evaluation_hours(rates, gpu, model, args, owt_tokens=0):
     forward_rate = rates.flops_per_s
     forward_flops = model.flops_per_token(model.config.block_size) / 3
     seconds = owt_tokens * forward_flops / forward_rate
-    for name, task in tasks.TASKS.items():
+    scored = tasks.TASKS if args.task == "all" else {args.task: tasks.TASKS[args.task]} if args.task in tasks.TASKS else {}
+    for name, task in scored.items():
         n = min(EXAMPLES[name], args.limit or EXAMPLES[name])
-        prompt = PROMPT_TOKENS.get((name, args.shots))
+        shots = 0 if args.protocol == "gpt2" else args.shots  # GPT-2's protocol is zero-shot
+        prompt = PROMPT_TOKENS.get((name, shots))
         if prompt is None:
-            raise UserError(f"no measured prompt length for {name} with shots={args.shots}: add it to PROMPT_TOKENS "
+            raise UserError(f"no measured prompt length for {name} with shots={shots}: add it to PROMPT_TOKENS "
                             f"in bench/estimates.py (fewshot.build_prompts gives it)")
         batch = args.batch_size if args.batch_size != "auto" else auto_eval_batch(gpu, model, args, task, prompt, itemsize)
         batches = math.ceil(n / batch)
@@ -273,7 +275,7 @@ def evaluation_hours(rates, gpu, model, args, owt_tokens=0):
         if task.label_words:  # label likelihoods: the prompt forward only
             seconds += batches * STEP_OVERHEAD_S
             continue
-        steps = args.max_new_tokens or task.max_new_tokens
+        steps = args.max_new_tokens or (GPT2_SUMMARY["max_new_tokens"] if args.protocol == "gpt2" else task.max_new_tokens)
         seconds += batches * steps * rates.decode_step_s(batch * args.num_beams, model.config.block_size)
     return seconds / rates.gpus / 3600
 

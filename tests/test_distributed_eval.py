@@ -90,9 +90,9 @@ class FakeMemory:
                 raise torch.OutOfMemoryError(f"CUDA out of memory ({idx.size(0)} rows)")
             return forward(model, idx, *args, **kwargs)
 
-        def counted_generate(model, prompts, decoding):
+        def counted_generate(model, prompts, decoding, on_token=None):
             self.decoded[tuple(tuple(p.ids) for p in prompts)] += 1
-            return generate(model, prompts, decoding)
+            return generate(model, prompts, decoding, on_token)
 
         monkeypatch.setattr(GPT, "forward", limited_forward)
         monkeypatch.setattr(scoring, "_generate", counted_generate)

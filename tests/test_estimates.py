@@ -26,7 +26,9 @@ def test_the_table_has_a_row_per_card_with_what_runtime_picks_there(capsys):
     assert table[3].startswith("| A100 80GB (sm80, 79 GiB) | bfloat16 | FlexAttention | ")
     for row in rows:  # every GPU step of the pipeline, from the steps pipeline.py builds for the preset
         assert set(row["hours"]) == {"pretrain", "finetune", "evaluate", "evaluate_pretrained_0shot",
-                                     "evaluate_pretrained_3shot", "total"}
+                                     "evaluate_pretrained_3shot", "evaluate_pretrained_gpt2", "total"}
+        # GPT-2's protocol scores CNN/DM alone, 100 tokens a summary: less than a zero-shot run of every task
+        assert row["hours"]["evaluate_pretrained_gpt2"] < row["hours"]["evaluate_pretrained_0shot"]
         assert all(h > 0 for h in row["hours"].values())
         assert row["hours"]["total"] == pytest.approx(sum(h for k, h in row["hours"].items() if k != "total"))
         for step, sequences in (("pretrain", 128), ("finetune", 64)):  # 131,072 and 65,536 tokens per step
