@@ -31,8 +31,11 @@ def corpus(data_dir):
     out += markdown_table(("split", "tokens", "documents"),
                           [(s, f"{v['tokens']:,}", f"{v['documents']:,}") for s, v in splits.items()])
     if dec.get("enabled"):
+        short = (f", or for containing one of the {dec['short_texts_matched_whole']:,} shorter ones "
+                 f"({dec['min_words']}-{dec['n'] - 1} words) whole; {dec['texts_too_short']:,} texts under "
+                 f"{dec['min_words']} words are not matched" if "min_words" in dec else "")  # older meta.json: none
         out += (f"\nDecontamination: {dec['documents_dropped']:,} documents dropped for sharing a {dec['n']}-word "
-                f"span with the evaluation texts ({dec['eval_ngrams']:,} distinct {dec['n']}-grams).\n")
+                f"span with the evaluation texts ({dec['eval_ngrams']:,} distinct {dec['n']}-grams){short}.\n")
     else:
         out += "\nDecontamination: off (documents may overlap the evaluation texts).\n"
     return out

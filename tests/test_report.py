@@ -66,7 +66,8 @@ def write_data_meta(data):
     (data / "owt" / "meta.json").write_text(json.dumps({
         "source": "../shared/data/webtext", "source_bytes": 2_500_000, "stopped_by": "max_tokens",
         "splits": {"train": {"tokens": 123_456, "documents": 789}, "val": {"tokens": 2_345, "documents": 6}},
-        "decontamination": {"enabled": True, "n": 13, "eval_ngrams": 7_000_899, "documents_dropped": 17}}))
+        "decontamination": {"enabled": True, "n": 13, "eval_ngrams": 7_000_899, "documents_dropped": 17,
+                              "min_words": 5, "short_texts_matched_whole": 6_994, "texts_too_short": 235}}))
     for i, task in enumerate(("cnn_dailymail", "squad", "sst2")):
         (data / "ft" / task).mkdir(parents=True)
         split = {"examples": 1000 + i, "tokens": 50_000 + i, "inputs_cut": 3, "targets_cut": 0}
@@ -187,6 +188,7 @@ def test_report_has_a_data_section_with_the_realised_mix(run):
     data = text.split("## Data")[1].split("## Training")[0]
     assert "| train | 123,456 | 789 |" in data and "| val | 2,345 | 6 |" in data
     assert "17 documents dropped" in data and "../shared/data/webtext" in data
+    assert "6,994 shorter ones (5-12 words) whole; 235 texts under 5 words are not matched" in data
     assert "| squad | validation | 1,001 | 50,001 | 3 | 0 |" in data
     assert "first 40 training batches" in data and "fills 10.0% of the positions" in data
     assert "| sst2 | 150 | 50.0% |" in data  # 150 of the 300 examples drawn
