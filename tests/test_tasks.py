@@ -59,13 +59,24 @@ def prepared(tmp_path_factory):
     return out
 
 
+def prepared_rows(task, split):
+    """The rows a prepared split holds, in order: train's less the select slice held out of it."""
+    if split == "validation":
+        return task.load_rows(split, DATA, limit=LIMIT)
+    args = prepare_finetune.parse_args(["--data-root", str(DATA), "--limit", str(LIMIT)])
+    train, select, _ = prepare_finetune.hold_out(task, task.load_rows("train", DATA, limit=LIMIT),
+                                                 *prepare_finetune.reported_keys(task, args))
+    return train if split == "train" else select
+
+
 @pytest.mark.parametrize("task", list(tasks.TASKS))
 def test_prepared_examples_are_prompt_plus_target(prepared, enc, task):
     meta = json.loads((prepared / task / "meta.json").read_text())
     assert meta["tasks_version"] == tasks.TASKS_VERSION and meta["block_size"] == 1024
-    for split in ("train", "validation"):
-        assert meta["splits"][split]["examples"] == LIMIT
-        rows = tasks.get_task(task).load_rows(split, DATA, limit=LIMIT)
+    assert meta["splits"]["train"]["examples"] + meta["splits"]["select"]["examples"] == LIMIT
+    for split in ("train", "select", "validation"):
+        rows = prepared_rows(tasks.get_task(task), split)
+        assert meta["splits"][split]["examples"] == len(rows) > 0
         data = tasks.FinetuneSplit(str(prepared / task / split))
         assert len(data) == len(rows)
         n_uncut = 0
@@ -220,10 +231,11 @@ def test_unreachable_hub_is_a_user_error(tmp_path):
 def test_output_is_the_same_for_any_num_proc(tmp_path, prepared):
     run_prepare(tmp_path, "--num-proc", "2")
     files = sorted(p.relative_to(prepared) for p in prepared.rglob("*") if p.is_file())
-    assert len(files) == 3 * 5  # per task: meta.json and a .bin and .idx.npy per split
+    assert len(files) == 3 * 7  # per task: meta.json and a .bin and .idx.npy per split (train, select, validation)
     for rel in files:
         assert (tmp_path / rel).read_bytes() == (prepared / rel).read_bytes(), rel
     idx = np.load(prepared / "squad" / "train.idx.npy")
-    assert idx.dtype == np.int64 and idx.shape == (LIMIT, 3) and idx[0, 0] == 0
+    kept = len(prepared_rows(tasks.get_task("squad"), "train"))
+    assert idx.dtype == np.int64 and idx.shape == (kept, 3) and idx[0, 0] == 0
     assert (idx[1:, 0] == idx[:-1, 0] + idx[:-1, 2]).all()
     assert idx[-1, 0] + idx[-1, 2] == os.path.getsize(prepared / "squad" / "train.bin") // 2
