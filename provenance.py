@@ -1,6 +1,7 @@
 """Where a result came from: the code's git commit (and whether the tree had uncommitted
 changes), and commands written the way a user types them (python, relative paths)."""
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -20,6 +21,18 @@ def git_state():
     if head.returncode or status.returncode:
         return None
     return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def machine():
+    """The machine in words: its GPUs, else its CPU model and cores."""
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    name = platform.processor() or platform.machine()
+    if os.path.isfile("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def relative(arg):

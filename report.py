@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import shlex
 import statistics
 
@@ -24,7 +23,7 @@ import tasks  # noqa: E402
 from common import UserError, atomic_path, human, run_main  # noqa: E402
 from datacard import data_section, markdown_table as table  # noqa: E402
 from metrics import confidence_intervals  # noqa: E402
-from provenance import provenance_line, relative, user_command  # noqa: E402
+from provenance import machine, provenance_line, relative, user_command  # noqa: E402
 
 FEW_EXAMPLES = 200  # below this, a score's interval is too wide to compare runs by
 
@@ -68,17 +67,6 @@ def summarize_checkpoint(path):
     info["params"] = {"total": sum(shapes.values()), **embed,
                       "non-embedding": sum(shapes.values()) - sum(embed.values())}
     return info
-
-
-def machine():
-    import torch
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    name = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    return f"{name}, {os.cpu_count()} cores"
 
 
 def wall_seconds(lines):

@@ -44,6 +44,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import UserError, atomic_path, run_main, write_json  # noqa: E402
+from provenance import git_state, machine  # noqa: E402
 
 RECIPES = {
     "classic": ["--pos_emb=learned", "--norm=layernorm", "--mlp=gelu", "--qk_norm=false",
@@ -95,6 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="another train.py override for every run (e.g. a smaller model for a quick try)")
     p.add_argument("--report-only", action="store_true", help="no training: report the finished runs")
+    p.add_argument("--recorded", action="append", default=[], metavar="JSON",
+                   help="also report the runs in an earlier report's .json (e.g. docs/ablate_t1024000.json): "
+                        "runs whose out/ folders are gone; a finished run in --out-root wins over its record")
     args = p.parse_args(argv)
     if args.recipes is None:
         args.recipes = ["default"] if args.components or args.combine else ["classic", "default"]
@@ -190,6 +194,7 @@ def run_one(args, spec):
     if not (same and finished(out_dir, iters)):
         os.makedirs(os.path.join(ROOT, out_dir), exist_ok=True)
         write_json(stamp, argv)
+        write_json(os.path.join(ROOT, out_dir, "ablate_run.json"), {"git": git_state(), "machine": machine()})
         flag = "--resume" if same else "--overwrite"
         print(f"[{name}] python train.py {' '.join(argv)} {flag}", flush=True)
         with open(log_path, "a") as log:
@@ -210,7 +215,8 @@ def run_one(args, spec):
 
 
 def collect(args, tokens):
-    """Every finished run of this budget under out_root, with its curve and final score."""
+    """Every finished run of this budget under out_root, with its curve, final score, code and machine;
+    then those recorded in --recorded files that out_root does not have."""
     runs = []
     root = os.path.join(ROOT, args.out_root)
     for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
@@ -222,6 +228,8 @@ def collect(args, tokens):
         if batch * args.block_size * iters != tokens or not finished(os.path.join(args.out_root, name), iters):
             continue
         records = read_jsonl(os.path.join(root, name, "metrics.jsonl"))
+        origin = os.path.join(root, name, "ablate_run.json")  # absent for runs started before it was written
+        origin = read_json(origin) if os.path.exists(origin) else {}
         recipe = recipe_of(argv)
         optimizer_lr = float(argv["muon_lr"]) if argv["optimizer"] == "muon" else float(argv["learning_rate"])
         train_rows = [r for r in records if r["type"] == "train"]
@@ -232,8 +240,26 @@ def collect(args, tokens):
                      "curve": [(r["iter"] * batch * args.block_size, r["time"] / 60, r["val_loss"])
                                for r in records if r["type"] == "eval"],
                      "minutes": records[-1]["time"] / 60,
-                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train_rows)})
-    return runs
+                     "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train_rows),
+                     "commit": (origin.get("git") or {}).get("commit"), "machine": origin.get("machine")})
+    return runs + recorded_runs(args.recorded, tokens, {r["name"] for r in runs})
+
+
+def recorded_runs(paths, tokens, have):
+    """The runs of this budget in earlier reports' .json files, less those named in have."""
+    out = []
+    for path in paths:
+        try:
+            with open(os.path.join(ROOT, path) if not os.path.isabs(path) else path) as f:
+                recorded = json.load(f)["runs"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"--recorded {path}: not an ablate report's .json ({e.__class__.__name__}: {e}); "
+                            "pass the .json that bench/ablate.py wrote")
+        for run in recorded:
+            if run["curve"][-1][0] == tokens and run["name"] not in have:
+                have.add(run["name"])
+                out.append({**run, "curve": [tuple(point) for point in run["curve"]], "recorded": path})
+    return out
 
 
 def loss_at_minutes(curve, minutes):
@@ -303,8 +329,23 @@ def markdown(args, runs, rows, target=None):
                    f"{r['minutes']:.0f} | {r['tokens_per_s']:.0f} | {versus} | "
                    + ("—" if not target else "never" if reached is None else
                       f"{reached:,.0f} ({reached / target['tokens']:.0%})") + " |")
-    out += classic_against_default(args, runs, rows) + next_step(args, rows)
+    out += provenance_lines(runs) + classic_against_default(args, runs, rows) + next_step(args, rows)
     return "\n".join(out) + "\n"
+
+
+def provenance_lines(runs):
+    """Which code and machines trained the runs, and which came from recorded reports."""
+    def counted(values):
+        counts = {}
+        for v in values:
+            counts[v] = counts.get(v, 0) + 1
+        return "; ".join(f"{'unrecorded' if v is None else v} ({n})" for v, n in counts.items())
+    out = [f"\nRuns per code commit: {counted((r.get('commit') or '')[:7] or None for r in runs)}. "
+           f"Per machine: {counted(r.get('machine') for r in runs)}."]
+    recorded = [r for r in runs if r.get("recorded")]
+    if recorded:
+        out.append(f"From recorded reports (their out/ folders absent here): {counted(r['recorded'] for r in recorded)}.")
+    return out
 
 
 def row_runs(row, runs):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from common import UserError
+from provenance import git_state
 
 from conftest import ROOT
 
@@ -89,12 +90,52 @@ def test_components_train_on_top_of_default_alone_and_combined_and_extend_the_sa
     assert f"| default+relu2 | muon (0.02) | 64 | 1 | {by_recipe['default+relu2']['mean']:.3f} |" in report
     assert f"| {gap['final']:+.3f} |" in report
     assert "No GPT-2 recipe run of 2,048,000 tokens yet" in report  # its target: test_a_component_passes_only...
+    commit = (git_state() or {}).get("commit")  # each run records the code and machine that trained it
+    assert f"Runs per code commit: {commit[:7] if commit else 'unrecorded'} (3)." in report
 
 
 def fake_run(recipe, seed, final, minutes=10.0):
     curve = [(0, 0.0, 10.0), (500, minutes / 2, final + 1.0), (1000, minutes, final)]  # (tokens, minutes, loss)
     return {"name": f"{recipe}_s{seed}", "recipe": recipe, "seed": seed, "batch_size": 4, "optimizer": "muon",
             "lr": 0.02, "steps": 10, "final_loss": final, "curve": curve, "minutes": minutes, "tokens_per_s": 100.0}
+
+
+def finished_folder(root, name, final, argv):
+    """A run folder as bench/ablate.py leaves it, without training: its command, curve and final score."""
+    folder = root / name
+    (folder / "eval").mkdir(parents=True)
+    (folder / "ablate_argv.json").write_text(json.dumps(argv))
+    rows = [{"type": "eval", "iter": 0, "time": 1.0, "val_loss": 10.0},
+            {"type": "train", "iter": 10, "time": 60.0, "tokens_per_s": 400.0},
+            {"type": "eval", "iter": 500, "time": 2400.0, "val_loss": final + 0.05}]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "eval" / "owt_val_metrics.json").write_text(json.dumps({"scores": {"loss": final}}))
+
+
+def test_recorded_runs_join_the_report_when_their_folders_are_gone(tmp_path):
+    """A study spans sessions: runs whose out/ folders were lost still count from the report's .json
+    kept in the repository, and a finished run on disk wins over its record."""
+    def at_budget(run, tokens):
+        return {**run, "name": run["name"].replace("_s", f"_t{tokens}_s"),
+                "curve": [(n * tokens // 1000, m, loss) for n, m, loss in run["curve"]]}
+    recorded = [at_budget(fake_run("default", 1, 6.0), 1024000), at_budget(fake_run("default+wsd", 1, 5.5), 1024000),
+                at_budget(fake_run("default+relu2", 1, 5.4), 2048000)]  # another budget: not this report's
+    (tmp_path / "screen.json").write_text(json.dumps({"tokens": 1024000, "runs": recorded}))
+    argv = ablate.train_argv(ablate.parse_args(["--report-only", "--tokens", "1024000"]), "default", 1, 4, 1, "x")
+    finished_folder(tmp_path / "runs", "default_t1024000_s1", 5.0, argv)
+    args = ablate.parse_args(["--report-only", "--tokens", "1024000", "--out-root", str(tmp_path / "runs"),
+                              "--recorded", str(tmp_path / "screen.json")])
+    runs = ablate.collect(args, args.tokens)
+    assert [(r["name"], r["final_loss"], r.get("recorded")) for r in runs] == [
+        ("default_t1024000_s1", 5.0, None),  # on disk: the record of the same name is not used
+        ("default+wsd_t1024000_s1", 5.5, str(tmp_path / "screen.json"))]
+    rows = ablate.compare(ablate.summarize(runs), runs, None)
+    md = ablate.markdown(args, runs, rows)
+    assert "| default+wsd | muon (0.02) | 2,048 | 1 | 5.500 |" in md and "| +0.500 |" in md
+    assert f"From recorded reports (their out/ folders absent here): {tmp_path / 'screen.json'} (1)." in md
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(UserError, match="not an ablate report's .json"):
+        ablate.collect(ablate.parse_args(["--report-only", "--recorded", str(tmp_path / "bad.json")]), 1024000)
 
 
 @pytest.mark.parametrize("finals, verdict", [
