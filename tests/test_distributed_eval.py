@@ -55,10 +55,13 @@ def assert_same_files(one, two):
     # constrained SQuAD, greedy CNN/DM, SST-2's label likelihoods; owt: 9 windows in batches of 8 and 1
     ["--task", "all", "--constrained", "--limit", 9, "--batch-size", 3],
     ["--task", "cnn_dailymail", "--num-beams", 2, "--limit", 5, "--batch-size", 2],  # beam search
-], ids=["constrained-greedy-labels-owt", "beam"])
+    # GPT-2's protocol samples: each batch's draws are seeded by its prompts, on whichever process
+    ["--task", "cnn_dailymail", "--protocol", "gpt2", "--limit", 5, "--batch-size", 2],
+], ids=["constrained-greedy-labels-owt", "beam", "gpt2-protocol"])
 def test_two_processes_write_the_predictions_and_metrics_of_one(tmp_path, shared_data, case):
     ckpt = save_checkpoint(tmp_path / "model.pt", tasks_version=tasks.TASKS_VERSION)
-    args = [*case, *BATCH_VISIBLE, "--ckpt", ckpt, "--data-root", shared_data,
+    decoding = [] if "--protocol" in case else BATCH_VISIBLE  # the protocol fixes its own length
+    args = [*case, *decoding, "--ckpt", ckpt, "--data-root", shared_data,
             "--owt-text", shared_data / "webtext" / "train-00000.jsonl.gz"]
     proc = torchrun_evaluate(2, *args, "--out", tmp_path / "two")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

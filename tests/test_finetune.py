@@ -4,6 +4,8 @@ on real data, and a stopped finetune resumes exactly."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from common import EOT, UserError, get_tokenizer
 from data import FinetuneMixture, loss_mask
 from model import GPT, GPTConfig
 
-from conftest import stop_after
+from conftest import ROOT, stop_after
 
 BLOCK = 256
 
@@ -272,6 +274,23 @@ def test_stopped_finetune_resumes_exactly(workspace, monkeypatch):
     full = torch.load(workspace / "full" / "ckpt.pt", weights_only=False)["model"]
     cut = torch.load(workspace / "cut" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_torchrun_two_processes_finetune_as_one_process_accumulating_two(workspace):
+    """Under torchrun each process takes its own micro-steps of the same mixture, drawn with the same
+    calibrated probabilities and loss weights: the result is one process's with 2 micro-steps."""
+    extra = ("--max_iters=4", "--eval_interval=4", "--eval_iters=1", "--gradient_accumulation_steps=2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "finetune.py",
+           *args(workspace, "ddp", *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    finetune.main(args(workspace, "single", *extra))
+    ddp, single = (torch.load(workspace / out / "ckpt.pt", weights_only=False)["model"] for out in ("ddp", "single"))
+    assert all(torch.allclose(ddp[k], single[k], atol=1e-5) for k in single)
+    with open(workspace / "ddp" / "metrics.jsonl") as f:
+        ranks = next(r for r in map(json.loads, f) if r["type"] == "ranks")["ranks"]
+    assert len(ranks) == 2 and ranks[0]["first_batch"] != ranks[1]["first_batch"]
 
 
 def test_checkpoint_that_does_not_fit_is_a_clear_error(workspace):
