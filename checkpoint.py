@@ -96,6 +96,12 @@ def pretrained_model(cfg):
         raise UserError(f"init_from={source!r} is not a .pt checkpoint, a Hugging Face model folder nor one of "
                         f"{', '.join(hf.GPT2_NAMES)}; fix the path")
     overrides = {k: v for k, v in cfg.model_fields().items() if k in cfg.explicit}
+    trained = {**dataclasses.asdict(GPTConfig()), **ckpt["model_config"]}
+    for key, value in overrides.items():
+        if key not in GPTConfig.CHANGEABLE and trained.get(key) != value:  # e.g. another activation: same shapes
+            raise UserError(f"{source} does not fit the configured model: it was trained with {key}={trained.get(key)}, "
+                            f"not {value}; drop {key} from the command line and config (a run keeps the architecture "
+                            f"it starts from)")
     model = model_from_checkpoint(ckpt, source, overrides)
     for key, value in dataclasses.asdict(model.config).items():
         setattr(cfg, key, value)

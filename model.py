@@ -36,6 +36,9 @@ class GPTConfig:
     rope_base: float = 10000.0  # RoPE's base period (with pos_emb=rope)
     zero_init_proj: bool = False  # attention's and the MLP's output projections start at zero: each block starts as the identity
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap), in training and inference alike (0: off)
+    # what a run may set apart from the checkpoint it resumes or finetunes: none changes what trained weights
+    # compute (zero_init_proj is only how training started; a block size that needs other weights won't load)
+    CHANGEABLE = ("dropout", "zero_init_proj", "block_size")
 
     def __post_init__(self):
         check_choices(self, {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
@@ -164,7 +167,8 @@ class MLP(nn.Module):
         if self.kind in ("gelu", "gelu_tanh"):  # gelu_tanh: what OpenAI's GPT-2 weights were trained with
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         elif self.kind == "relu2":
-            h = F.relu(h).square()
+            h = F.relu(h)
+            h = h * h  # not .square(): CUDA's autocast runs pow in float32, a float32 copy of 4C per token
         else:
             h = F.silu(self.c_gate(x)) * h
         return self.dropout(self.c_proj(h))

@@ -29,6 +29,7 @@ import memory
 from checkpoint import gather_rng, load_checkpoint, load_weights, model_record, rng_state, save_checkpoint, set_rng_state
 from common import UserError
 from data import Prefetcher, loss_token_fraction, row_range, split_rows, to_device
+from model import GPTConfig
 from muon import Muon
 from plan import (BatchPlan, TimeBudget, budget_line, divisors, figures_line, initial_plan, probe_line,
                   sequences_per_process, start_figures)
@@ -333,14 +334,23 @@ class Run:
 
     def _restore(self, ckpt):
         load_weights(self.raw_model, ckpt["model"], self.ckpt_path)
-        # Muon's state would not fit AdamW's, nor the reverse; nor one Muon group the Q/K/V split's two; and
-        # the Newton-Schulz variant is a setting of Muon's groups, which the saved ones would silently override
-        before = {"optimizer": "adamw", "muon_split_qkv": False, "muon_ns": "quintic"}  # what runs without them ran
-        for key in before if self.cfg.optimizer == "muon" else ["optimizer"]:
-            saved = ckpt["config"].get(key, before[key])
-            if saved != getattr(self.cfg, key):
-                raise UserError(f"{self.ckpt_path} was trained with {key}={saved}, not {getattr(self.cfg, key)}; "
-                                f"resume it with --{key}={saved}, or start a new run (--overwrite or another --out_dir)")
+        # What a resumed run must keep: the model's function (a soft-cap or an activation has no weights whose
+        # shape would object); Muon's state would not fit AdamW's, nor the reverse; nor one Muon group the
+        # Q/K/V split's two; the Newton-Schulz variant is a setting of Muon's groups, which the saved ones would
+        # silently override; and the schedule, which a switch would jump
+        saved = {**dataclasses.asdict(GPTConfig()), **ckpt["model_config"]}  # fields newer than it: their defaults
+        kept = [(key, saved[key]) for key, value in dataclasses.asdict(self.raw_model.config).items()
+                if key not in GPTConfig.CHANGEABLE and saved[key] != value]
+        before = {"optimizer": "adamw", "muon_split_qkv": False, "muon_ns": "quintic", "lr_schedule": "cosine",
+                  "cooldown_frac": 0.4}  # what runs ran before each existed
+        settings = (["optimizer", "lr_schedule"] + (["muon_split_qkv", "muon_ns"] if self.cfg.optimizer == "muon" else [])
+                    + (["cooldown_frac"] if self.cfg.lr_schedule == "wsd" else []))
+        kept += [(key, ckpt["config"].get(key, before[key])) for key in settings
+                 if ckpt["config"].get(key, before[key]) != getattr(self.cfg, key)]
+        if kept:
+            key, value = kept[0]
+            raise UserError(f"{self.ckpt_path} was trained with {key}={value}, not {getattr(self.cfg, key)}; "
+                            f"resume it with --{key}={value}, or start a new run (--overwrite or another --out_dir)")
         for opt, state in zip(self.optimizers, ckpt["optimizers"]):
             opt.load_state_dict(state)
         if ckpt["scaler"] and self.scaler.is_enabled():  # a run may resume in another dtype

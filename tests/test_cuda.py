@@ -43,6 +43,16 @@ def test_smoke_pipeline_on_the_gpu_with_bf16_and_compile(tmp_path, shared_data):
     assert (tmp_path / "out" / "smoke" / "REPORT.md").is_file()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_relu2_hidden_activations_stay_in_the_autocast_dtype(dtype):
+    """CUDA's autocast computes pow in float32: a squared hidden layer must not become a float32 copy."""
+    model, seen = small(mlp="relu2"), []
+    model.blocks[0].mlp.c_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cuda", dtype=dtype):
+        model(torch.zeros(2, 16, dtype=torch.long, device=CUDA))
+    assert seen == [dtype]
+
+
 @pytest.mark.parametrize("arch", [{}, {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True}])
 def test_cached_generation_equals_recomputation(arch):
     model = small(**arch).eval()

@@ -222,6 +222,36 @@ def test_resuming_with_another_muon_layout_or_variant_is_a_clear_error(corpus):
         train.main(args + ["--max_iters=4", "--resume", "--muon_split_qkv=true", "--muon_ns=polar_express"])
 
 
+@pytest.mark.parametrize("started, resumed, message", [
+    # no weights differ: only the check stands between these and a silently different run
+    (["--logit_softcap=15"], [], r"logit_softcap=15.0, not 0.0; resume it with --logit_softcap=15.0"),
+    (["--mlp=relu2", "--pos_emb=learned"], ["--mlp=gelu", "--pos_emb=learned"], r"mlp=relu2, not gelu"),
+    (["--lr_schedule=wsd"], [], r"lr_schedule=wsd, not cosine"),
+    (["--lr_schedule=wsd"], ["--lr_schedule=wsd", "--cooldown_frac=0.2"], r"cooldown_frac=0.4, not 0.2"),
+])
+def test_resuming_with_another_function_or_schedule_is_a_clear_error(corpus, started, resumed, message):
+    args = TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/o"]
+    train.main(args + ["--max_iters=2", *started])
+    with pytest.raises(UserError, match=message):
+        train.main(args + ["--max_iters=4", "--resume", *resumed])
+    train.main(args + ["--max_iters=4", "--resume", *started, "--dropout=0.1"])  # dropout may change
+
+
+def test_finetuning_keeps_the_pretrained_models_function(tmp_path):
+    """An explicit field that contradicts the checkpoint is refused even where the weights would load."""
+    from checkpoint import pretrained_model
+    from config import FinetuneConfig
+    torch.save(model_record(tiny(mlp="relu2", logit_softcap=15.0), TrainConfig()), tmp_path / "p.pt")
+    for extra, message in ((["--mlp=gelu"], "trained with mlp=relu2, not gelu"),
+                           (["--logit_softcap=0"], "trained with logit_softcap=15.0, not 0.0")):
+        cfg = parse_config(FinetuneConfig, [f"--init_from={tmp_path}/p.pt", *extra])
+        with pytest.raises(UserError, match=f"does not fit the configured model: it was {message}; drop "):
+            pretrained_model(cfg)
+    cfg = parse_config(FinetuneConfig, [f"--init_from={tmp_path}/p.pt", "--dropout=0.1", "--mlp=relu2"])
+    model = pretrained_model(cfg)  # agreeing fields and dropout are fine, and the rest comes from the checkpoint
+    assert (model.config.dropout, model.config.logit_softcap, cfg.mlp) == (0.1, 15.0, "relu2")
+
+
 @pytest.mark.parametrize("clip_muon", [True, False])
 def test_clip_muon_false_clips_only_the_adamw_parameters(corpus, monkeypatch, clip_muon):
     clipped = []
