@@ -478,9 +478,10 @@ def main(argv=None):
                     name = run_name(rec, s, b, seed, args.tokens)
                     specs.append({"name": name, "iters": args.tokens // (b * args.block_size),
                                   "argv": train_argv(args, rec, s, b, seed, os.path.join(args.out_root, name))})
+    recorded = {r["name"] for r in recorded_runs(args.recorded, args.tokens, set())}  # finished elsewhere
     if not args.report_only:
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run_one, args, spec) for spec in specs]:
+            for future in [pool.submit(run_one, args, spec) for spec in specs if spec["name"] not in recorded]:
                 future.result()
     runs = collect(args, args.tokens)
     if not runs:

@@ -138,6 +138,16 @@ def test_recorded_runs_join_the_report_when_their_folders_are_gone(tmp_path):
         ablate.collect(ablate.parse_args(["--report-only", "--recorded", str(tmp_path / "bad.json")]), 1024000)
 
 
+def test_a_recorded_run_is_not_trained_again(corpus, tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(ablate, "run_one", lambda args, spec: trained.append(spec["name"]))
+    done = {**fake_run("default", 1, 6.0), "name": "default_b2_t640_s1",
+            "curve": [(0, 0.0, 10.0), (320, 1.0, 7.0), (640, 2.0, 6.0)]}
+    (tmp_path / "kept.json").write_text(json.dumps({"tokens": 640, "runs": [done]}))
+    ablate.main(tiny(corpus, tmp_path, "--seeds", "1", "--components", "wsd", "--recorded", str(tmp_path / "kept.json")))
+    assert trained == ["default+wsd_b2_t640_s1"]  # the default's run of this budget and seed is the record's
+
+
 @pytest.mark.parametrize("finals, verdict", [
     ((5.30, 5.31, 5.20), "better (> 0.020)"),  # 0.105 below default, beyond twice its seeds' 0.01
     ((5.30, 5.31, 5.29), "within 0.020"),
