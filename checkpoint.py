@@ -69,6 +69,14 @@ def load_weights(model, state, source):
     model.load_state_dict(state)
 
 
+def changed_model_fields(saved_config, config):
+    """[(field, saved value)] where a model config differs from a checkpoint's saved one, beyond
+    GPTConfig.CHANGEABLE; fields newer than the checkpoint count at their defaults (what it ran)."""
+    saved = {**dataclasses.asdict(GPTConfig()), **saved_config}
+    return [(key, saved[key]) for key, value in config.items()
+            if key not in GPTConfig.CHANGEABLE and saved.get(key) != value]
+
+
 def model_from_checkpoint(ckpt, path, overrides=None):
     """The GPT a loaded checkpoint describes, with its weights. overrides: GPTConfig fields to
     change (e.g. dropout for finetuning); one that changes a shape is a one-line error."""
@@ -96,12 +104,12 @@ def pretrained_model(cfg):
         raise UserError(f"init_from={source!r} is not a .pt checkpoint, a Hugging Face model folder nor one of "
                         f"{', '.join(hf.GPT2_NAMES)}; fix the path")
     overrides = {k: v for k, v in cfg.model_fields().items() if k in cfg.explicit}
-    trained = {**dataclasses.asdict(GPTConfig()), **ckpt["model_config"]}
-    for key, value in overrides.items():
-        if key not in GPTConfig.CHANGEABLE and trained.get(key) != value:  # e.g. another activation: same shapes
-            raise UserError(f"{source} does not fit the configured model: it was trained with {key}={trained.get(key)}, "
-                            f"not {value}; drop {key} from the command line and config (a run keeps the architecture "
-                            f"it starts from)")
+    conflicts = changed_model_fields(ckpt["model_config"], overrides)  # e.g. another activation: same shapes
+    if conflicts:
+        key, trained = conflicts[0]
+        raise UserError(f"{source} does not fit the configured model: it was trained with {key}={trained}, "
+                        f"not {overrides[key]}; drop {key} from the command line and config (a run keeps the "
+                        f"architecture it starts from)")
     model = model_from_checkpoint(ckpt, source, overrides)
     for key, value in dataclasses.asdict(model.config).items():
         setattr(cfg, key, value)

@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import memory
-from checkpoint import gather_rng, load_checkpoint, load_weights, model_record, rng_state, save_checkpoint, set_rng_state
+from checkpoint import (changed_model_fields, gather_rng, load_checkpoint, load_weights, model_record, rng_state,
+                        save_checkpoint, set_rng_state)
 from common import UserError
 from data import Prefetcher, loss_token_fraction, row_range, split_rows, to_device
-from model import GPTConfig
 from muon import Muon
 from plan import (BatchPlan, TimeBudget, budget_line, divisors, figures_line, initial_plan, probe_line,
                   sequences_per_process, start_figures)
@@ -338,9 +338,7 @@ class Run:
         # shape would object); Muon's state would not fit AdamW's, nor the reverse; nor one Muon group the
         # Q/K/V split's two; the Newton-Schulz variant is a setting of Muon's groups, which the saved ones would
         # silently override; and the schedule, which a switch would jump
-        saved = {**dataclasses.asdict(GPTConfig()), **ckpt["model_config"]}  # fields newer than it: their defaults
-        kept = [(key, saved[key]) for key, value in dataclasses.asdict(self.raw_model.config).items()
-                if key not in GPTConfig.CHANGEABLE and saved[key] != value]
+        kept = changed_model_fields(ckpt["model_config"], dataclasses.asdict(self.raw_model.config))
         before = {"optimizer": "adamw", "muon_split_qkv": False, "muon_ns": "quintic", "lr_schedule": "cosine",
                   "cooldown_frac": 0.4}  # what runs ran before each existed
         settings = (["optimizer", "lr_schedule"] + (["muon_split_qkv", "muon_ns"] if self.cfg.optimizer == "muon" else [])

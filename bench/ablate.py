@@ -34,6 +34,7 @@ equal wall-clock, and whether the gap exceeds twice the seeds' spread) and with 
 recipe's final loss at --classic-tokens (the tokens each run took to reach it).
 """
 import argparse
+import collections
 import concurrent.futures
 import json
 import os
@@ -336,10 +337,7 @@ def markdown(args, runs, rows, target=None):
 def provenance_lines(runs):
     """Which code and machines trained the runs, and which came from recorded reports."""
     def counted(values):
-        counts = {}
-        for v in values:
-            counts[v] = counts.get(v, 0) + 1
-        return "; ".join(f"{'unrecorded' if v is None else v} ({n})" for v, n in counts.items())
+        return "; ".join(f"{'unrecorded' if v is None else v} ({n})" for v, n in collections.Counter(values).items())
     out = [f"\nRuns per code commit: {counted((r.get('commit') or '')[:7] or None for r in runs)}. "
            f"Per machine: {counted(r.get('machine') for r in runs)}."]
     recorded = [r for r in runs if r.get("recorded")]
