@@ -97,6 +97,45 @@ def test_relu2_is_two_matrices_at_4x_width():
     assert relu2.num_params() == gelu.num_params()
 
 
+def relu2_softcap_step(model, x):
+    """One training step's loss and gradients; records the dtype of the MLP's hidden layer."""
+    hidden = []
+    hook = model.blocks[0].mlp.c_proj.register_forward_hook(lambda m, args, out: hidden.append(args[0].dtype))
+    _, loss = model(x, targets=x)
+    loss.backward()
+    hook.remove()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, hidden
+
+
+@pytest.mark.parametrize("dtype, loss_tolerance, grad_tolerance", [(torch.bfloat16, 0.01, 0.05),
+                                                                  (torch.float16, 0.001, 0.01)])
+def test_relu2_with_the_softcap_trains_under_autocast_in_the_autocast_dtype(dtype, loss_tolerance, grad_tolerance):
+    """The CPU stand-in for a GPU's autocast: the 4C-wide hidden layer stays in the low precision
+    (no float32 copy of it), and the loss and gradients stay those of float32."""
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    reference = relu2_softcap_step(tiny(mlp="relu2", logit_softcap=15.0).train(), x)
+    with torch.autocast("cpu", dtype=dtype):
+        loss, grads, hidden = relu2_softcap_step(tiny(mlp="relu2", logit_softcap=15.0).train(), x)
+    assert reference[2] == [torch.float32] and hidden == [dtype]
+    assert loss == pytest.approx(reference[0], abs=loss_tolerance)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all(), name
+        scale = reference[1][name].abs().max()
+        assert torch.allclose(grad.float(), reference[1][name], atol=grad_tolerance * scale), name
+
+
+def test_relu2_with_the_softcap_compiles_to_the_eager_loss_and_gradients():
+    """torch.compile on the CPU, the stand-in for the GPU presets' compile=true."""
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    eager_loss, eager_grads, _ = relu2_softcap_step(tiny(mlp="relu2", logit_softcap=15.0).train(), x)
+    compiled = tiny(mlp="relu2", logit_softcap=15.0).train()
+    _, loss = torch.compile(compiled)(x, targets=x)
+    loss.backward()
+    assert loss.item() == pytest.approx(eager_loss, abs=1e-5)
+    for name, p in compiled.named_parameters():
+        assert torch.allclose(p.grad, eager_grads[name], atol=1e-5), name
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--logit_softcap=-1"], "logit_softcap=-1.0 must be >= 0"),
     (["--lr_schedule=step"], "lr_schedule='step'; choose one of"),
