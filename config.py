@@ -55,7 +55,7 @@ class TrainConfig(GPTConfig):
     min_lr: float = 6e-5  # AdamW's rate at the end of the decay
     warmup_iters: int = 100  # linear warmup steps
     lr_decay_iters: int = 0  # 0: decay until max_iters
-    lr_schedule: str = "cosine"  # cosine: warmup, cosine to min_lr | wsd: warmup, flat, then linear to min_lr
+    lr_schedule: str = "wsd"  # wsd: warmup, flat, linear to min_lr (recipe v2's win) | cosine: warmup, cosine to min_lr
     cooldown_frac: float = 0.4  # wsd: the last fraction of the decay (lr_decay_iters or max_iters) that decays
     weight_decay: float = 0.1  # on matrices only
     beta1: float = 0.9  # AdamW
@@ -124,6 +124,7 @@ class FinetuneConfig(TrainConfig):
     learning_rate: float = 1e-4
     min_lr: float = 1e-5
     warmup_iters: int = 20
+    lr_schedule: str = "cosine"  # finetuning keeps cosine: recipe v2 measured WSD on pretraining only
     weight_decay: float = 0.0
 
 

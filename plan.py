@@ -8,7 +8,7 @@ and gradient accumulation sums them. batch_size=auto fits the micro-batch to the
 same sequences and the same gradient, so no step is lost.
 
 --max_minutes stops the run with a checkpoint before the session ends; --budget_hours sets
-max_iters, and with it the cosine decay, from step times measured before the decay starts.
+max_iters, and with it the decay, from step times measured before the decay starts.
 """
 import dataclasses
 import math

@@ -1,11 +1,12 @@
 """Which recipe should the presets train? The GPT-2 recipe against the default, at the CPU preset's budget.
 
-Every run is `train.py config/pretrain_cpu.py` (4 layers x 256, blocks of 512, warmup + cosine to
+Every run is `train.py config/pretrain_cpu.py` (4 layers x 256, blocks of 512, the rates decayed to
 10%) with the recipe spelled out on the command line, so a run means the same whatever the
 presets' defaults are:
-  classic   learned positions, LayerNorm, GELU, tied head, biases; AdamW for everything (2e-3)
+  classic   learned positions, LayerNorm, GELU, tied head, biases; AdamW for everything (2e-3); cosine
   default   RoPE, RMSNorm, SwiGLU, QK-norm, untied head, no biases; Muon for the hidden
-            matrices (0.02), AdamW (2e-3) for the embeddings, head and norms
+            matrices (0.02), AdamW (2e-3) for the embeddings, head and norms; cosine. Recipe v1's
+            default and recipe v2's baseline: the presets now train default+wsd
   modern_adamw  the default's architecture with AdamW only: splits the gain between the two
 Recipe v2's components (issue 25), each one set of flags on top of `default` (COMPONENTS below):
 `--components relu2,wsd` trains default+relu2 and default+wsd beside default itself, and
@@ -49,11 +50,15 @@ from provenance import git_state, machine  # noqa: E402
 
 RECIPES = {
     "classic": ["--pos_emb=learned", "--norm=layernorm", "--mlp=gelu", "--qk_norm=false",
-                "--tie_embeddings=true", "--bias=true", "--optimizer=adamw"],
+                "--tie_embeddings=true", "--bias=true", "--optimizer=adamw", "--lr_schedule=cosine"],
+    # recipe v1's default, the baseline of recipe v2's study; the presets now train default+wsd
     "default": ["--pos_emb=rope", "--norm=rmsnorm", "--mlp=swiglu", "--qk_norm=true",
-                "--tie_embeddings=false", "--bias=false", "--optimizer=muon"],
+                "--tie_embeddings=false", "--bias=false", "--optimizer=muon", "--lr_schedule=cosine"],
 }
-RECIPES["modern_adamw"] = RECIPES["default"][:-1] + ["--optimizer=adamw"]
+RECIPES["modern_adamw"] = [f.replace("=muon", "=adamw") for f in RECIPES["default"]]
+# settings that were train.py's defaults when a run's stamp was written without them: a stamp from
+# before the recipes spelled out the schedule ran cosine, and means the same run as today's
+IMPLIED = {"lr_schedule": "cosine"}
 # recipe v2's candidates, each what modded-nanogpt's records or nanochat use instead of ours
 COMPONENTS = {
     "relu2": ["--mlp=relu2"],  # ReLU^2 at 4x width instead of SwiGLU
@@ -133,20 +138,33 @@ def run_name(recipe, scale, batch, seed, tokens):
             + ("" if tokens == PRESET_TOKENS else f"_t{tokens}") + f"_s{seed}")
 
 
+def flag_key(flag):
+    return flag[2:].split("=")[0]
+
+
 def recipe_flags(recipe):
-    """train.py's flags for a recipe: a base recipe, then each of its components ("default+relu2+wsd")."""
+    """train.py's flags for a recipe: a base recipe, then each of its components ("default+relu2+wsd"),
+    a component's flag replacing the base's of the same key."""
     base, *components = recipe.split("+")
-    return RECIPES[base] + [flag for c in components for flag in COMPONENTS[c]]
+    extra = [flag for c in components for flag in COMPONENTS[c]]
+    replaced = {flag_key(f) for f in extra}
+    return [f for f in RECIPES[base] if flag_key(f) not in replaced] + extra
+
+
+def with_implied(argv):
+    """A run's arguments as a set, with IMPLIED's settings where the run does not spell them out."""
+    keys = {flag_key(a) for a in argv if a.startswith("--")}
+    return set(argv) | {f"--{k}={v}" for k, v in IMPLIED.items() if k not in keys}
 
 
 def recipe_of(argv):
     """The recipe a run's flags ({key: value}) train: its components are those whose every flag it
     has, its base the recipe whose other flags it has."""
-    settings = {f"{k}={v}" for k, v in argv.items()}
+    settings = {f"{k}={v}" for k, v in {**IMPLIED, **argv}.items()}
     on = [c for c, flags in COMPONENTS.items() if all(f[2:] in settings for f in flags)]
-    replaced = {f[2:].split("=")[0] for c in on for f in COMPONENTS[c]}
+    replaced = {flag_key(f) for c in on for f in COMPONENTS[c]}
     base = next(r for r, flags in RECIPES.items()
-                if all(f[2:] in settings for f in flags if f[2:].split("=")[0] not in replaced))
+                if all(f[2:] in settings for f in flags if flag_key(f) not in replaced))
     return "+".join([base, *on])
 
 
@@ -189,7 +207,7 @@ def run_one(args, spec):
     name, argv, iters = spec["name"], spec["argv"], spec["iters"]
     out_dir = os.path.join(args.out_root, name)
     stamp = os.path.join(ROOT, out_dir, "ablate_argv.json")
-    same = os.path.exists(stamp) and read_json(stamp) == argv
+    same = os.path.exists(stamp) and with_implied(read_json(stamp)) == with_implied(argv)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     log_path = os.path.join(ROOT, out_dir, "train.log")
     if not (same and finished(out_dir, iters)):

@@ -320,7 +320,8 @@ def measured_estimates(pre, ft, gen, device, tiny):
 
 def compare_recipes(args, overrides):
     """The default recipe and the GPT-2 one (config/gpt2_classic.py) at the 124M shape: the same steps
-    on the same batches of real text, the schedule compressed to them, then the same validation windows.
+    on the same batches of real text, each recipe's schedule (WSD; the GPT-2 recipe's cosine) compressed to them,
+    then the same validation windows.
     None (with a line saying why) when the data is not prepared."""
     if not all(os.path.isfile(os.path.join(args.data_dir, f"{s}.bin")) for s in ("train", "val")):
         print(f"\nrecipe side-by-side skipped: no train.bin and val.bin in {args.data_dir}; prepare them with "

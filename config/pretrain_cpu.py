@@ -5,7 +5,8 @@
 # The recipe is TrainConfig's default, the one that won bench/ablate.py at this budget (README,
 # "Which recipe"): RoPE, RMSNorm, SwiGLU, QK-norm, an untied head, no biases, and Muon (0.02,
 # momentum 0.95) for the attention and MLP matrices, AdamW (learning_rate) for the embeddings,
-# the head and the norms; both rates follow the same warmup + cosine schedule down to 10%.
+# the head and the norms; both rates follow the same schedule down to 10%: warmup, the peak rate,
+# then a linear decay over the last 40% (WSD, recipe v2's one confirmed win: docs/recipe.md).
 # The GPT-2 recipe (learned positions, LayerNorm, GELU, tied head, biases, AdamW) is one overlay away:
 #     python train.py config/pretrain_cpu.py config/gpt2_classic.py --out_dir=out/cpu_classic/pretrain
 out_dir = "out/cpu/pretrain"

@@ -10,7 +10,8 @@ n_layer = 12
 n_head = 12
 n_embd = 768
 # The recipe is TrainConfig's default, the CPU ablation's winner, with Muon at 0.02 and AdamW at
-# nanoGPT's 6e-4: config/pretrain_gpt2_124m_1gpu.py gives the published evidence for both rates.
+# nanoGPT's 6e-4, and the warmup-stable-decay schedule: config/pretrain_gpt2_124m_1gpu.py gives the
+# published evidence for the rates and the schedule.
 # config/gpt2_classic.py on top gives nanoGPT's GPT-2 recipe with nanoGPT's rates.
 dropout = 0.0
 batch_size = "auto"

@@ -22,6 +22,15 @@ n_embd = 768
 # - learning_rate 6e-4 (AdamW; here only the embeddings, the untied head and the norms): nanoGPT's
 #   rate for GPT-2 small. The same comparison's best all-Adam rate was 0.0018, so 6e-4 errs on the
 #   stable side for layers that no published Muon run tunes at our batch; the side-by-side checks it.
+# - lr_schedule wsd, cooldown_frac 0.4 (TrainConfig's defaults): warmup, the peak rate, then a linear
+#   decay over the last 40%. The CPU ablation's one confirmed win of recipe v2 (docs/recipe.md), and
+#   what the published GPT-2-small runs train with: modded-nanogpt's records hold the rate flat and
+#   decay it linearly over the last 40-45% of steps, nanochat decays linearly over a final
+#   warmdown, and Hagele et al. 2024 (arXiv 2405.18392) find a constant rate with a cooldown
+#   matches or beats cosine across model sizes that include 124M. It also lets a run be extended,
+#   or cut to a budget, mid-way.
+#   Recipe v2's other candidates stay off here as on the CPU: none beat the default there beyond
+#   the seeds' spread (docs/recipe.md says where that differs from the published choice).
 batch_size = "auto"
 tokens_per_step = 131072
 max_iters = 10000

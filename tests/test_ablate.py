@@ -138,6 +138,26 @@ def test_recorded_runs_join_the_report_when_their_folders_are_gone(tmp_path):
         ablate.collect(ablate.parse_args(["--report-only", "--recorded", str(tmp_path / "bad.json")]), 1024000)
 
 
+def test_runs_stamped_before_the_schedule_was_spelled_out_are_reused_as_the_default(corpus, tmp_path, monkeypatch):
+    """Until WSD became TrainConfig's default, `default` and `classic` left the schedule to it (cosine): a run
+    stamped then is the same run as today's command, neither trained again nor taken for another recipe."""
+    monkeypatch.setattr(ablate.subprocess, "run", lambda *a, **k: pytest.fail(f"ran {a[0][1]}"))
+    args = ablate.parse_args(["--tokens", "1024000", "--seeds", "1", "--recipes", "classic,default",
+                              "--data-dir", str(corpus), "--out-root", str(tmp_path / "runs")])
+    for recipe in ("classic", "default"):
+        name = ablate.run_name(recipe, 1, 4, 1, args.tokens)
+        argv = ablate.train_argv(args, recipe, 1, 4, 1, os.path.join(args.out_root, name))
+        assert "--lr_schedule=cosine" in argv  # spelled out now
+        finished_folder(tmp_path / "runs", name, 5.0, [a for a in argv if a != "--lr_schedule=cosine"])
+        (tmp_path / "runs" / name / "ckpt.pt").write_bytes(b"")
+        os.utime(tmp_path / "runs" / name / "eval" / "owt_val_metrics.json", (2e9, 2e9))  # scored after the checkpoint
+        ablate.run_one(args, {"name": name, "argv": argv, "iters": 500})
+    assert [r["recipe"] for r in ablate.collect(args, args.tokens)] == ["classic", "default"]
+    # WSD's own runs spelled their schedule out from the start: the base's cosine gives way to it
+    assert ablate.recipe_flags("default+wsd") == [f for f in ablate.RECIPES["default"] if "lr_schedule" not in f] + [
+        "--lr_schedule=wsd", "--cooldown_frac=0.4"]
+
+
 def test_a_recorded_run_is_not_trained_again(corpus, tmp_path, monkeypatch):
     trained = []
     monkeypatch.setattr(ablate, "run_one", lambda args, spec: trained.append(spec["name"]))
@@ -199,8 +219,9 @@ def test_bad_grids_get_one_line_errors(corpus, tmp_path, extra, message):
 
 
 def test_the_ablated_recipes_are_the_presets_recipes():
-    """What the ablation measures is what users train: `default` is config/pretrain_cpu.py as shipped and
-    `classic` is the same preset with config/gpt2_classic.py, so neither side drifts from the README's table."""
+    """What the ablation measures is what users train: `default+wsd` (recipe v2's winner) is
+    config/pretrain_cpu.py as shipped, `default` the same with recipe v1's cosine, and `classic` the
+    preset with config/gpt2_classic.py, so no side drifts from the README's table."""
     from config import TrainConfig, parse_config
 
     def settings(*argv):
@@ -209,7 +230,8 @@ def test_the_ablated_recipes_are_the_presets_recipes():
 
     rates = [f"--learning_rate={ablate.ADAMW_LR}", f"--min_lr={ablate.ADAMW_LR / 10}"]
     muon = [f"--muon_lr={ablate.MUON_LR}", f"--muon_momentum={ablate.MUON_MOMENTUM}"]
-    assert settings(*rates, *muon, *ablate.RECIPES["default"]) == settings()
+    assert settings(*rates, *muon, *ablate.recipe_flags("default+wsd")) == settings()
+    assert settings(*rates, *muon, *ablate.RECIPES["default"]) == settings("--lr_schedule=cosine")
     assert settings(*rates, *ablate.RECIPES["classic"]) == settings(os.path.join(ROOT, "config", "gpt2_classic.py"))
     preset = settings()
     assert ablate.PRESET_TOKENS == preset["max_iters"] * preset["batch_size"] * preset["block_size"]

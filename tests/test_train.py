@@ -106,11 +106,12 @@ def test_token_file_of_odd_length_is_a_one_line_error(corpus, split):
         train.main(TINY + [f"--data_dir={corpus}", f"--out_dir={corpus}/out"])
 
 
-def test_learning_rate_warms_up_then_decays_to_min():
-    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+def test_cosine_learning_rate_warms_up_then_decays_to_min():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, lr_schedule="cosine")
     lrs = [trainer.lr_at(i, cfg, 1.0) for i in range(120)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[60] == pytest.approx(0.55)  # halfway through the decay, halfway down
     assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
 
 
