@@ -151,16 +151,20 @@ def recipe_flags(recipe):
     return [f for f in RECIPES[base] if flag_key(f) not in replaced] + extra
 
 
-def with_implied(argv):
-    """A run's arguments as a set, with IMPLIED's settings where the run does not spell them out."""
-    keys = {flag_key(a) for a in argv if a.startswith("--")}
-    return set(argv) | {f"--{k}={v}" for k, v in IMPLIED.items() if k not in keys}
+def run_settings(argv):
+    """What a run's train.py arguments set, {key: value} (a repeated key's last value wins, as in
+    train.py; a preset file is a key of its own), with IMPLIED's settings where it leaves them out."""
+    settings = dict(IMPLIED)
+    for arg in argv:
+        key, _, value = arg[2:].partition("=") if arg.startswith("--") else (arg, "", "")
+        settings[key] = value
+    return settings
 
 
 def recipe_of(argv):
-    """The recipe a run's flags ({key: value}) train: its components are those whose every flag it
-    has, its base the recipe whose other flags it has."""
-    settings = {f"{k}={v}" for k, v in {**IMPLIED, **argv}.items()}
+    """The recipe a run's settings ({key: value}, run_settings) train: its components are those whose
+    every flag it has, its base the recipe whose other flags it has."""
+    settings = {f"{k}={v}" for k, v in argv.items()}
     on = [c for c, flags in COMPONENTS.items() if all(f[2:] in settings for f in flags)]
     replaced = {flag_key(f) for c in on for f in COMPONENTS[c]}
     base = next(r for r, flags in RECIPES.items()
@@ -207,7 +211,7 @@ def run_one(args, spec):
     name, argv, iters = spec["name"], spec["argv"], spec["iters"]
     out_dir = os.path.join(args.out_root, name)
     stamp = os.path.join(ROOT, out_dir, "ablate_argv.json")
-    same = os.path.exists(stamp) and with_implied(read_json(stamp)) == with_implied(argv)
+    same = os.path.exists(stamp) and run_settings(read_json(stamp)) == run_settings(argv)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     log_path = os.path.join(ROOT, out_dir, "train.log")
     if not (same and finished(out_dir, iters)):
@@ -242,7 +246,7 @@ def collect(args, tokens):
         stamp, final = (os.path.join(root, name, p) for p in ("ablate_argv.json", "eval/owt_val_metrics.json"))
         if not (os.path.exists(stamp) and os.path.exists(final)):
             continue
-        argv = dict(a[2:].split("=", 1) for a in read_json(stamp) if a.startswith("--"))
+        argv = run_settings(read_json(stamp))
         batch, iters = int(argv["batch_size"]), int(argv["max_iters"])
         if batch * args.block_size * iters != tokens or not finished(os.path.join(args.out_root, name), iters):
             continue
